@@ -1,0 +1,5 @@
+"""npllama: LLaMA with every forward and backward pass written out as array math (NumPy or CuPy)."""
+from .config import LlamaConfig
+from .model import forward, init_params, loss_and_grads
+
+__all__ = ["LlamaConfig", "init_params", "forward", "loss_and_grads"]

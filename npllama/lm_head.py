@@ -1,0 +1,47 @@
+"""The language-model head and the fused softmax cross-entropy loss.
+
+Forward:   z = x Wᵀ                                   x: (B, T, D)   W: (V, D)   z: (B, T, V)
+           p = softmax(z) over the vocabulary
+           loss = (1/N) Σ_{valid (b,t)} −log p[b, t, y_bt]
+           Targets equal to IGNORE_INDEX (−100, as in torch and HF) are not valid: they add nothing
+           to the loss, and N counts the valid targets only.
+Backward:  dz[b, t] = dloss · (p[b, t] − onehot(y_bt)) / N   on valid positions, 0 elsewhere
+           dx = dz W,   dW = Σ dzᵀ x
+Fusing softmax with the loss keeps the backward a subtraction: no (V × V) Jacobian, no log of a
+rounded-off probability.
+"""
+from . import backend, linear
+
+IGNORE_INDEX = -100
+
+
+def forward(x, weight, targets):
+    """targets: (B, T) ints in [0, V) or IGNORE_INDEX. Returns loss: a 0-d array."""
+    xp = backend.array_module(x)
+    logits, _ = linear.forward(x, weight)
+    logits = logits.reshape(-1, weight.shape[0])                       # (N_all, V)
+    targets = targets.reshape(-1)
+    valid = targets != IGNORE_INDEX
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise ValueError("every target is the ignore index (-100): the loss is undefined")
+    rows = xp.arange(targets.shape[0])
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = xp.exp(shifted)
+    sum_exp = exp.sum(axis=-1)
+    nll = xp.log(sum_exp) - shifted[rows, xp.where(valid, targets, 0)]
+    loss = (nll * valid).sum() / n_valid
+    probs = exp / sum_exp[:, None]
+    return loss, (x, weight, probs, targets, valid, n_valid)
+
+
+def backward(dloss, cache):
+    """Returns dx: (B, T, D), dW: (V, D)."""
+    x, weight, probs, targets, valid, n_valid = cache
+    xp = backend.array_module(probs)
+    rows = xp.arange(targets.shape[0])[valid]
+    scale = dloss / n_valid
+    dlogits = xp.where(valid[:, None], probs * scale, 0)
+    dlogits[rows, targets[valid]] -= scale
+    dx, dweight = linear.backward(dlogits.reshape(*x.shape[:-1], -1), (x, weight))
+    return dx, dweight

@@ -1,0 +1,24 @@
+"""Every test runs on the device NPLLAMA_DEVICE names (cpu by default here; cuda on a GPU machine)."""
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("NPLLAMA_DEVICE", "cpu")
+
+from npllama import backend  # noqa: E402  (after the default device is set)
+
+
+@pytest.fixture
+def xp():
+    """The array module of the device under test; skips (with the reason) when it is unavailable."""
+    try:
+        return backend.xp()
+    except backend.BackendError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture
+def rng():
+    import numpy as np
+    return np.random.default_rng(1234)

@@ -1,0 +1,53 @@
+import sys
+
+import numpy as np
+import pytest
+
+from npllama import backend
+
+
+@pytest.fixture
+def restore_backend():
+    saved = backend._active
+    yield
+    backend._active = saved
+
+
+def test_cpu(restore_backend):
+    assert backend.use("cpu") == "cpu"
+    assert backend.xp() is np and backend.device() == "cpu"
+    assert backend.describe().startswith("cpu (NumPy")
+
+
+def test_unknown_device(restore_backend):
+    with pytest.raises(backend.BackendError, match="unknown device 'tpu'"):
+        backend.use("tpu")
+
+
+def test_cuda_without_cupy_is_one_clear_line(restore_backend, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` fail as if not installed
+    with pytest.raises(backend.BackendError) as error:
+        backend.use("cuda")
+    assert str(error.value) == ("--device cuda was asked for, but CuPy is not installed "
+                                "(pip install cupy-cuda12x, matching your CUDA)")
+    assert backend.use("auto") == "cpu" and backend.xp() is np
+
+
+def test_environment_variable_chooses(restore_backend, monkeypatch):
+    monkeypatch.setenv("NPLLAMA_DEVICE", "CPU")
+    backend._active = None
+    assert backend.device() == "cpu"
+
+
+def test_array_module_and_moves():
+    host = np.arange(6, dtype=np.float32)
+    assert backend.array_module(host, [1, 2]) is np
+    on_device = backend.to_device(host, dtype="float64")
+    assert backend.to_host(on_device).dtype == np.float64
+    np.testing.assert_array_equal(backend.to_host(on_device), host)
+
+
+def test_scatter_add_accumulates_repeats(xp):
+    target = xp.zeros((4, 2))
+    backend.scatter_add(target, xp.asarray([1, 3, 1]), xp.asarray([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    np.testing.assert_array_equal(backend.to_host(target), [[0, 0], [6, 8], [0, 0], [3, 4]])
