@@ -32,10 +32,12 @@ def causal_mask(t_query, t_key, dtype, xp):
 
 
 def softmax(scores):
-    """Numerically stable softmax over the last axis."""
+    """Numerically stable softmax over the last axis, computed in place (scores is overwritten)."""
     xp = backend.array_module(scores)
-    e = xp.exp(scores - scores.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    scores -= scores.max(axis=-1, keepdims=True)
+    xp.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
 
 
 def _split_heads(x, head_dim):
@@ -50,42 +52,57 @@ def _merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(batch, time, heads * head_dim)
 
 
-def forward(x, wq, wk, wv, wo, cos, sin):
-    """x: (B, T, D); wq, wo: (D, D); wk, wv: (K·hd, D); cos, sin: (T, hd/2). Returns y: (B, T, D)."""
+def forward(x, wq, wk, wv, wo, rotation):
+    """x: (B, T, D); wq, wo: (D, D); wk, wv: (K·hd, D); rotation: (T, hd/2) complex RoPE table.
+    Returns y: (B, T, D)."""
     xp = backend.array_module(x)
     batch, time, _ = x.shape
-    head_dim = 2 * cos.shape[-1]
+    head_dim = 2 * rotation.shape[-1]
     n_heads, n_kv_heads = wq.shape[0] // head_dim, wk.shape[0] // head_dim
-    scale = head_dim ** -0.5
 
-    q, _ = rope.forward(_split_heads(linear.forward(x, wq)[0], head_dim), cos, sin)
-    k, _ = rope.forward(_split_heads(linear.forward(x, wk)[0], head_dim), cos, sin)
-    v = _split_heads(linear.forward(x, wv)[0], head_dim)
-    q = (q * scale).reshape(batch, n_kv_heads, -1, head_dim)             # (B, K, G·T, hd)
+    # One product for the three projections: q and k rows in RoPE's paired order (rope.py), and the
+    # score scale s folded into Wq (RoPE is linear, so RoPE(x (s·Wq)ᵀ) = s·RoPE(x Wqᵀ)).
+    w_qkv = xp.concatenate((rope.to_pairs(wq, head_dim) * head_dim ** -0.5, rope.to_pairs(wk, head_dim), wv))
+    qkv = linear.forward(x, w_qkv)[0].reshape(batch, time, n_heads + 2 * n_kv_heads, head_dim)
+    qk, _ = rope.forward(qkv[:, :, :n_heads + n_kv_heads], rotation[:, None])   # positions on axis 1
+    q = qk[:, :, :n_heads].transpose(0, 2, 1, 3).reshape(batch, n_kv_heads, -1, head_dim)  # (B, K, G·T, hd)
+    k = qk[:, :, n_heads:].transpose(0, 2, 1, 3)                                  # (B, K, T, hd)
+    v = qkv[:, :, n_heads + n_kv_heads:].transpose(0, 2, 1, 3)                    # (B, K, T, hd)
 
     scores = (q @ k.transpose(0, 1, 3, 2)).reshape(batch, n_kv_heads, -1, time, time)
     scores += causal_mask(time, time, scores.dtype, xp)                  # (B, K, G, T, T)
     probs = softmax(scores).reshape(batch, n_kv_heads, -1, time)          # (B, K, G·T, T)
     out = _merge_heads((probs @ v).reshape(batch, n_heads, time, head_dim))
-    y = linear.forward(out, wo)[0]
-    return y, (x, q, k, v, probs, out, wq, wk, wv, wo, cos, sin)
+    y, _ = linear.forward(out, wo)
+    return y, (x, q, k, v, probs, out, w_qkv, wo, rotation)
 
 
 def backward(dy, cache):
     """Returns dx, dWq, dWk, dWv, dWo."""
-    x, q, k, v, probs, out, wq, wk, wv, wo, cos, sin = cache
+    x, q, k, v, probs, out, w_qkv, wo, rotation = cache
+    xp = backend.array_module(dy)
     batch, n_kv_heads, _, head_dim = q.shape
-    scale = head_dim ** -0.5
+    time = k.shape[2]
+    n_heads = q.shape[2] // time * n_kv_heads
 
     d_out, dwo = linear.backward(dy, (out, wo))
     d_out = _split_heads(d_out, head_dim).reshape(q.shape)              # (B, K, G·T, hd)
     d_probs = d_out @ v.transpose(0, 1, 3, 2)
     dv = probs.transpose(0, 1, 3, 2) @ d_out                             # (B, K, T, hd)
-    d_scores = probs * (d_probs - (d_probs * probs).sum(axis=-1, keepdims=True))
-    dq = (d_scores @ k).reshape(batch, -1, k.shape[2], head_dim) * scale  # (B, H, T, hd)
+    d_scores = d_probs
+    d_scores -= xp.einsum("...j,...j->...", d_probs, probs)[..., None]
+    d_scores *= probs
+    dq = (d_scores @ k).reshape(batch, n_heads, time, head_dim)           # (B, H, T, hd)
     dk = d_scores.transpose(0, 1, 3, 2) @ q                              # (B, K, T, hd)
 
-    dx_q, dwq = linear.backward(_merge_heads(rope.backward(dq, (cos, sin))), (x, wq))
-    dx_k, dwk = linear.backward(_merge_heads(rope.backward(dk, (cos, sin))), (x, wk))
-    dx_v, dwv = linear.backward(_merge_heads(dv), (x, wv))
-    return dx_q + dx_k + dx_v, dwq, dwk, dwv, dwo
+    # Gather dq, dk, dv into the layout of the fused projection, undo RoPE, then one product back.
+    d_qkv = xp.empty((batch, time, n_heads + 2 * n_kv_heads, head_dim), dtype=dy.dtype)
+    d_qkv[:, :, :n_heads] = dq.transpose(0, 2, 1, 3)
+    d_qkv[:, :, n_heads:n_heads + n_kv_heads] = dk.transpose(0, 2, 1, 3)
+    d_qkv[:, :, :n_heads + n_kv_heads] = rope.backward(d_qkv[:, :, :n_heads + n_kv_heads], rotation[:, None])
+    d_qkv[:, :, n_heads + n_kv_heads:] = dv.transpose(0, 2, 1, 3)
+    dx, dw_qkv = linear.backward(d_qkv.reshape(batch, time, -1), (x, w_qkv))
+    q_rows, k_rows = n_heads * head_dim, n_kv_heads * head_dim
+    dwq = rope.from_pairs(dw_qkv[:q_rows] * head_dim ** -0.5, head_dim)
+    dwk = rope.from_pairs(dw_qkv[q_rows:q_rows + k_rows], head_dim)
+    return dx, dwq, dwk, dw_qkv[q_rows + k_rows:], dwo

@@ -13,7 +13,7 @@ Parameters are a flat dict with HF transformers' names and (out, in) layouts; gr
 """
 import numpy as np
 
-from . import attention, backend, embedding, lm_head, rmsnorm, rope, swiglu
+from . import attention, backend, embedding, linear, lm_head, rmsnorm, rope, swiglu
 
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -73,11 +73,11 @@ def head_weight(params, config):
 
 
 # ---- one block ----------------------------------------------------------------------------------
-def block_forward(x, weights, eps, cos, sin):
+def block_forward(x, weights, eps, rotation):
     """x: (B, T, D); weights: short name -> array (BLOCK_PARAMS). Returns out: (B, T, D), cache."""
     normed, norm_in = rmsnorm.forward(x, weights["input_layernorm"], eps)
     attended, attn = attention.forward(normed, weights["q_proj"], weights["k_proj"], weights["v_proj"],
-                                       weights["o_proj"], cos, sin)
+                                       weights["o_proj"], rotation)
     h = x + attended
     normed, norm_post = rmsnorm.forward(h, weights["post_attention_layernorm"], eps)
     mlp_out, mlp = swiglu.forward(normed, weights["gate_proj"], weights["up_proj"], weights["down_proj"])
@@ -116,12 +116,12 @@ def hidden_states(params, config, tokens, keep_caches=False):
     weight = params[EMBEDDING]
     xp = backend.array_module(weight)
     tokens = _check_tokens(tokens, config, xp)
-    cos, sin = rope.tables(config, np.arange(tokens.shape[1]), weight.dtype, xp)
+    rotation = rope.tables(config, np.arange(tokens.shape[1]), weight.dtype, xp)
     x, embed_cache = embedding.forward(weight, tokens)
     block_caches = []
     for layer in range(config.num_hidden_layers):
         weights = {short: params[block_param_name(layer, short)] for short in BLOCK_PARAMS}
-        x, cache = block_forward(x, weights, config.rms_norm_eps, cos, sin)
+        x, cache = block_forward(x, weights, config.rms_norm_eps, rotation)
         if keep_caches:
             block_caches.append(cache)
     h, norm_cache = rmsnorm.forward(x, params[FINAL_NORM], config.rms_norm_eps)
@@ -131,20 +131,43 @@ def hidden_states(params, config, tokens, keep_caches=False):
 def forward(params, config, tokens):
     """tokens: (B, T) ints -> logits: (B, T, V), on the parameters' device."""
     h, _ = hidden_states(params, config, tokens)
-    return h @ head_weight(params, config).T
+    return linear.forward(h, head_weight(params, config))[0]
 
 
 def loss_and_grads(params, config, tokens, targets):
     """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T),
-    and its gradient for every parameter. Returns (loss: float, grads: dict like params)."""
+    and its gradient for every parameter. Returns (loss: float, grads: dict like params).
+
+    On the CPU the batch is split into shards run side by side (backend.parallel_map); the loss is a
+    mean over valid targets, so each shard's loss and grads are weighted by its share of them."""
     xp = backend.array_module(params[EMBEDDING])
-    targets = xp.asarray(targets)
-    if targets.shape != xp.asarray(tokens).shape:
-        raise ValueError(f"targets shape {targets.shape} differs from tokens shape {xp.asarray(tokens).shape}")
+    tokens, targets = _check_tokens(tokens, config, xp), xp.asarray(targets)
+    if targets.shape != tokens.shape:
+        raise ValueError(f"targets shape {targets.shape} differs from tokens shape {tokens.shape}")
     valid = targets != lm_head.IGNORE_INDEX
     if bool(((targets < 0) | (targets >= config.vocab_size))[valid].any()):
         raise ValueError(f"targets must lie in [0, {config.vocab_size}) or be {lm_head.IGNORE_INDEX}")
+    if not bool(valid.any()):
+        raise ValueError(f"every target is the ignore index ({lm_head.IGNORE_INDEX}): the loss is undefined")
 
+    workers = min(backend.cpu_workers(), tokens.shape[0])
+    if workers == 1:
+        return _loss_and_grads(params, config, tokens, targets)
+    shards = [rows for rows in np.array_split(np.arange(tokens.shape[0]), workers) if valid[rows].any()]
+    results = backend.parallel_map(lambda rows: _loss_and_grads(params, config, tokens[rows], targets[rows]),
+                                   shards)
+    shares = [float(valid[rows].sum() / valid.sum()) for rows in shards]
+    loss = sum(share * shard_loss for share, (shard_loss, _) in zip(shares, results))
+    grads = {}
+    for name in params:
+        grads[name] = shares[0] * results[0][1][name]
+        for share, (_, shard_grads) in zip(shares[1:], results[1:]):
+            grads[name] += share * shard_grads[name]
+    return loss, grads
+
+
+def _loss_and_grads(params, config, tokens, targets):
+    """loss_and_grads of one shard, on checked inputs."""
     h, (embed_cache, block_caches, norm_cache) = hidden_states(params, config, tokens, keep_caches=True)
     loss, head_cache = lm_head.forward(h, head_weight(params, config), targets)
 

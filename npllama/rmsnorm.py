@@ -8,20 +8,25 @@ Backward (g = dy ⊙ w is the gradient with respect to x̂):
     dw = Σ_rows dy ⊙ x̂
     dx = r · (g − x̂ · mean(g ⊙ x̂))
     The second term comes from r depending on x: ∂r/∂x_j = −r³ x_j / D.
+Row sums of products are einsum contractions: one pass, no temporary array.
 """
 from . import backend
 
 
 def forward(x, weight, eps):
     xp = backend.array_module(x)
-    r = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    mean_square = xp.einsum("...d,...d->...", x, x)[..., None] / x.shape[-1]
+    r = 1 / xp.sqrt(mean_square + eps)
     x_hat = x * r
     return x_hat * weight, (x_hat, r, weight)
 
 
 def backward(dy, cache):
     x_hat, r, weight = cache
+    xp = backend.array_module(dy)
     g = dy * weight
-    dx = r * (g - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))
-    dweight = (dy * x_hat).reshape(-1, x_hat.shape[-1]).sum(axis=0)
+    dx = x_hat * (xp.einsum("...d,...d->...", g, x_hat)[..., None] / x_hat.shape[-1])
+    xp.subtract(g, dx, out=dx)
+    dx *= r
+    dweight = xp.einsum("nd,nd->d", dy.reshape(-1, dy.shape[-1]), x_hat.reshape(-1, x_hat.shape[-1]))
     return dx, dweight

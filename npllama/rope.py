@@ -1,18 +1,16 @@
-"""Rotary position embedding (Su et al., 2021) in the HF "rotate half" convention.
+"""Rotary position embedding (Su et al., 2021), computed as complex multiplication.
 
-Each head vector of size hd is split into halves x = [x₁, x₂] (each hd/2); feature i of the first
-half is paired with feature i of the second and the pair is rotated by the angle θᵢ·p at position p:
-
-Tables:    θᵢ = rope_theta^(−2i/hd),  i = 0 … hd/2 − 1   (then adjusted by rope_scaling, below)
-           cos[p, i] = cos(p θᵢ),   sin[p, i] = sin(p θᵢ)          cos, sin: (T, hd/2)
-Forward:   y₁ = x₁ ⊙ cos − x₂ ⊙ sin                                x, y: (..., T, hd)
-           y₂ = x₂ ⊙ cos + x₁ ⊙ sin
-Backward:  a rotation's inverse is its transpose, the rotation by −θ:
-           dx₁ = dy₁ ⊙ cos + dy₂ ⊙ sin
-           dx₂ = dy₂ ⊙ cos − dy₁ ⊙ sin
-
-Meta's checkpoints pair interleaved features (2i, 2i+1) instead; importers permute q/k rows so that
-this one convention holds everywhere.
+HF's convention (the one npllama's parameters follow) pairs feature i of a head vector with feature
+i + hd/2 and rotates each pair by the angle θᵢ·p at position p:
+    y_i        = x_i ⊙ cos(pθᵢ) − x_{i+hd/2} ⊙ sin(pθᵢ)
+    y_{i+hd/2} = x_{i+hd/2} ⊙ cos(pθᵢ) + x_i ⊙ sin(pθᵢ),       θᵢ = rope_theta^(−2i/hd), i < hd/2
+Read the pair as one complex number zᵢ = x_i + j·x_{i+hd/2} and this is a product:
+Forward:   y = z ⊙ e^{jpθ}                                     z, y: (..., T, n, hd/2) complex
+Backward:  a rotation's inverse is its transpose, the rotation by −θ:  dz = dy ⊙ e^{−jpθ}
+To multiply in place the two features of a pair must sit side by side. `to_pairs` reorders q and k
+projection rows so they do ([x₀, x_{hd/2}, x₁, x_{1+hd/2}, …] per head) and `from_pairs` undoes it on
+their gradients; attention only forms q·k, which is the same for any order shared by q and k.
+Meta's checkpoints store this paired order; importers convert them to HF's on import.
 
 rope_scaling (HF config.json):
   {"rope_type": "linear", "factor": f}   θᵢ / f (positions stretched f times)
@@ -51,21 +49,50 @@ def _llama3_scaled(inv_freq, scaling):
 
 
 def tables(config, positions, dtype, xp):
-    """cos, sin: (T, head_dim/2) for these integer positions, computed in float64, cast to dtype."""
+    """e^{jpθ}: (T, head_dim/2) complex, for these integer positions, computed in float64.
+
+    dtype is the real dtype the rotation will be applied to (float16 rotates in complex64)."""
     inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     angles = np.asarray(backend.to_host(positions), dtype=np.float64)[:, None] * inv_freq[None, :]
-    return xp.asarray(np.cos(angles), dtype=dtype), xp.asarray(np.sin(angles), dtype=dtype)
+    return xp.asarray(np.exp(1j * angles), dtype=_complex_dtype(dtype))
 
 
-def forward(x, cos, sin):
-    xp = backend.array_module(x)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    y = xp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)
-    return y, (cos, sin)
+def _complex_dtype(real_dtype):
+    return np.complex128 if np.dtype(real_dtype) == np.float64 else np.complex64
+
+
+def pair_order(n_heads, head_dim):
+    """The row order of to_pairs: head by head, [0, hd/2, 1, 1 + hd/2, …]."""
+    half = head_dim // 2
+    within_head = np.stack((np.arange(half), np.arange(half) + half), axis=1).reshape(-1)
+    return (np.arange(n_heads)[:, None] * head_dim + within_head).reshape(-1)
+
+
+def to_pairs(weight, head_dim):
+    """Projection rows (n·hd, D) in HF order -> each pair's two rows side by side."""
+    return weight[pair_order(weight.shape[0] // head_dim, head_dim)]
+
+
+def from_pairs(weight, head_dim):
+    """Inverse of to_pairs."""
+    xp = backend.array_module(weight)
+    result = xp.empty_like(weight)
+    result[pair_order(weight.shape[0] // head_dim, head_dim)] = weight
+    return result
+
+
+def _rotate(x, rotation):
+    """x: (..., hd) real in paired order (last axis contiguous); rotation broadcasts against (..., hd/2)."""
+    real = np.float64 if x.dtype == np.float64 else np.float32  # no complex32: float16 rotates in float32
+    z = x.astype(real, copy=False).view(_complex_dtype(real))
+    return (z * rotation).view(real).astype(x.dtype, copy=False)
+
+
+def forward(x, rotation):
+    """y = x rotated by e^{jpθ}. x: (..., hd) in paired order; rotation broadcasts against (..., hd/2)."""
+    return _rotate(x, rotation), rotation
 
 
 def backward(dy, cache):
-    """Returns dx (RoPE has no parameters)."""
-    cos, sin = cache
-    return forward(dy, cos, -sin)[0]
+    """dx = dy rotated by e^{−jpθ}. Returns dx alone: RoPE has no parameters."""
+    return _rotate(dy, cache.conj())

@@ -6,8 +6,9 @@ Forward:   g = x W_gateᵀ,  u = x W_upᵀ                     x: (B, T, D)   g,
            y = h W_downᵀ                                    y: (B, T, D)
 Backward:  dh = dy W_down,    dW_down = Σ dyᵀ h
            du = dh ⊙ a
-           dg = dh ⊙ u ⊙ silu'(g),   silu'(g) = σ ⊙ (1 + g ⊙ (1 − σ))
+           dg = dh ⊙ u ⊙ silu'(g),   silu'(g) = σ ⊙ (1 + g ⊙ (1 − σ)) = σ + a ⊙ (1 − σ)
            dx = dg W_gate + du W_up,   dW_gate = Σ dgᵀ x,   dW_up = Σ duᵀ x
+The (B, T, F) arrays are the largest in a block, so the elementwise steps update buffers in place.
 """
 from . import backend, linear
 
@@ -15,24 +16,35 @@ from . import backend, linear
 def sigmoid(x):
     """σ(x) = 1 / (1 + e^−x), written as ½ + ½ tanh(x/2): the same function, without overflow."""
     xp = backend.array_module(x)
-    return 0.5 + 0.5 * xp.tanh(0.5 * x)
+    s = x * 0.5
+    xp.tanh(s, out=s)
+    s *= 0.5
+    s += 0.5
+    return s
 
 
 def forward(x, w_gate, w_up, w_down):
-    g = x @ w_gate.T
-    u = x @ w_up.T
+    g, _ = linear.forward(x, w_gate)
+    u, _ = linear.forward(x, w_up)
     sig = sigmoid(g)
-    h = g * sig * u
-    y = h @ w_down.T
-    return y, (x, g, u, sig, h, w_gate, w_up, w_down)
+    a = g
+    a *= sig                   # a = silu(g); g itself is not needed again
+    h = a * u
+    y, _ = linear.forward(h, w_down)
+    return y, (x, u, sig, a, h, w_gate, w_up, w_down)
 
 
 def backward(dy, cache):
     """Returns dx, dW_gate, dW_up, dW_down."""
-    x, g, u, sig, h, w_gate, w_up, w_down = cache
+    x, u, sig, a, h, w_gate, w_up, w_down = cache
     dh, dw_down = linear.backward(dy, (h, w_down))
-    du = dh * g * sig
-    dg = dh * u * sig * (1 + g * (1 - sig))
+    du = dh * a
+    dg = 1 - sig
+    dg *= a
+    dg += sig                  # silu'(g)
+    dg *= u
+    dg *= dh
     dx_gate, dw_gate = linear.backward(dg, (x, w_gate))
     dx_up, dw_up = linear.backward(du, (x, w_up))
-    return dx_gate + dx_up, dw_gate, dw_up, dw_down
+    dx_gate += dx_up
+    return dx_gate, dw_gate, dw_up, dw_down

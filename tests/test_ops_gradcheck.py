@@ -29,7 +29,7 @@ def check_op(forward, backward, inputs, xp, rng):
         assert error < TOLERANCE, f"d{name}: relative error {error:.2e}"
 
 
-def rope_tables(xp, head_dim, time, theta=10000.0, scaling=None):
+def rope_rotation(xp, head_dim, time, theta=10000.0, scaling=None):
     config = LlamaConfig(vocab_size=8, hidden_size=head_dim, intermediate_size=8, num_hidden_layers=1,
                          num_attention_heads=1, rope_theta=theta, rope_scaling=scaling)
     return rope.tables(config, np.arange(time), np.float64, xp)
@@ -52,8 +52,9 @@ def test_rmsnorm(xp, rng):
 
 @pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0}])
 def test_rope(xp, rng, scaling):
-    cos, sin = rope_tables(xp, 8, 6, scaling=scaling)
-    check_op(lambda x: rope.forward(x, cos, sin), rope.backward, {"x": randn(xp, rng, 2, 3, 6, 8)}, xp, rng)
+    rotation = rope_rotation(xp, 8, 6, scaling=scaling)
+    check_op(lambda x: rope.forward(x, rotation[:, None]), rope.backward,
+             {"x": randn(xp, rng, 2, 6, 3, 8)}, xp, rng)
 
 
 @pytest.mark.parametrize("n_heads, n_kv_heads", [(4, 4), (4, 2), (8, 2), (4, 1)],
@@ -61,11 +62,11 @@ def test_rope(xp, rng, scaling):
 def test_attention(xp, rng, n_heads, n_kv_heads):
     head_dim, time = 4, 5
     dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
-    cos, sin = rope_tables(xp, head_dim, time)
+    rotation = rope_rotation(xp, head_dim, time)
     inputs = {"x": randn(xp, rng, 2, time, dim), "wq": randn(xp, rng, dim, dim) * 0.5,
               "wk": randn(xp, rng, kv_dim, dim) * 0.5, "wv": randn(xp, rng, kv_dim, dim),
               "wo": randn(xp, rng, dim, dim)}
-    check_op(lambda x, wq, wk, wv, wo: attention.forward(x, wq, wk, wv, wo, cos, sin),
+    check_op(lambda x, wq, wk, wv, wo: attention.forward(x, wq, wk, wv, wo, rotation),
              attention.backward, inputs, xp, rng)
 
 

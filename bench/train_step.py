@@ -1,0 +1,98 @@
+"""Time one training step's forward + backward (npllama) and, with --torch, HF transformers' the same.
+
+    python bench/train_step.py                                   # nanoGPT's CPU recipe as a Llama
+    python bench/train_step.py --preset stories15M --batch-size 8 --seq-len 256
+    python bench/train_step.py --torch                           # also HF LlamaForCausalLM (torch eager)
+
+Prints the median ms per step and tokens/s over --steps timed steps (after --warmup). torch (only for
+the comparison; never an npllama dependency) runs with the same thread count and is timed for
+forward + backward, and for the full step with torch.optim.AdamW.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import npllama  # noqa: E402
+from npllama import backend  # noqa: E402
+
+
+def median_ms(step, steps, warmup, sync=lambda: None):
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def report(label, ms, tokens):
+    print(f"{label:<44} {ms:9.2f} ms/step {tokens / ms * 1000:12.0f} tok/s")
+
+
+def bench_npllama(config, batch, tokens_in, targets, args):
+    params = npllama.init_params(config, seed=0)
+    sync = (lambda: backend.xp().cuda.Device().synchronize()) if backend.device() == "cuda" else (lambda: None)
+    ms = median_ms(lambda: npllama.loss_and_grads(params, config, tokens_in, targets), args.steps,
+                   args.warmup, sync)
+    report(f"npllama forward+backward ({backend.device()})", ms, tokens_in.size)
+
+
+def bench_torch(config, tokens_in, targets, args):
+    import torch
+    import transformers
+    torch.set_num_threads(args.threads)
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_dict().items()},
+                                         attention_bias=False, mlp_bias=False)
+    model = transformers.LlamaForCausalLM(hf_config).float()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    inputs, labels = torch.from_numpy(tokens_in), torch.from_numpy(targets)
+
+    def forward_backward():
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size), labels.reshape(-1))
+        loss.backward()
+
+    def full_step():
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        optimizer.step()
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"attention {model.config._attn_implementation}, {torch.get_num_threads()} threads")
+    report("torch eager forward+backward", median_ms(forward_backward, args.steps, args.warmup), inputs.numel())
+    report("torch eager forward+backward+AdamW", median_ms(full_step, args.steps, args.warmup), inputs.numel())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="shakespeare-char")
+    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--torch", action="store_true", help="also time HF transformers (torch eager)")
+    args = parser.parse_args()
+
+    config = npllama.LlamaConfig.preset(args.preset)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (args.batch_size, args.seq_len + 1))
+    tokens_in, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()
+    print(f"{args.preset}: {npllama.config.human_count(config.num_parameters())} params, "
+          f"B={args.batch_size} T={args.seq_len}, device {backend.describe()}")
+    bench_npllama(config, args.batch_size, tokens_in, targets, args)
+    if args.torch:
+        bench_torch(config, tokens_in, targets, args)
+
+
+if __name__ == "__main__":
+    main()
