@@ -128,8 +128,11 @@ def to_host(array):
 def scatter_add(target, indices, values):
     """target[indices[i]] += values[i] for every i, accumulating repeated indices (in place)."""
     module = array_module(target)
-    if module is np:
-        np.add.at(target, indices, values)
+    if module is np:  # np.add.at is slow: sort, then sum each run of equal indices in one reduction
+        order = np.argsort(indices, kind="stable")
+        sorted_indices = indices[order]
+        run_starts = np.flatnonzero(np.r_[True, sorted_indices[1:] != sorted_indices[:-1]])
+        target[sorted_indices[run_starts]] += np.add.reduceat(values[order], run_starts, axis=0)
     else:
         import cupyx
         cupyx.scatter_add(target, indices, values)

@@ -139,7 +139,7 @@ def loss_and_grads(params, config, tokens, targets):
     and its gradient for every parameter. Returns (loss: float, grads: dict like params).
 
     On the CPU the batch is split into shards run side by side (backend.parallel_map); the loss is a
-    mean over valid targets, so each shard's loss and grads are weighted by its share of them."""
+    mean over valid targets, so each shard's loss and grads count by its share of them."""
     xp = backend.array_module(params[EMBEDDING])
     tokens, targets = _check_tokens(tokens, config, xp), xp.asarray(targets)
     if targets.shape != tokens.shape:
@@ -154,25 +154,26 @@ def loss_and_grads(params, config, tokens, targets):
     if workers == 1:
         return _loss_and_grads(params, config, tokens, targets)
     shards = [rows for rows in np.array_split(np.arange(tokens.shape[0]), workers) if valid[rows].any()]
-    results = backend.parallel_map(lambda rows: _loss_and_grads(params, config, tokens[rows], targets[rows]),
-                                   shards)
     shares = [float(valid[rows].sum() / valid.sum()) for rows in shards]
+    results = backend.parallel_map(
+        lambda shard: _loss_and_grads(params, config, tokens[shard[0]], targets[shard[0]], dloss=shard[1]),
+        zip(shards, shares))
     loss = sum(share * shard_loss for share, (shard_loss, _) in zip(shares, results))
-    grads = {}
-    for name in params:
-        grads[name] = shares[0] * results[0][1][name]
-        for share, (_, shard_grads) in zip(shares[1:], results[1:]):
-            grads[name] += share * shard_grads[name]
+    grads = results[0][1]
+    for _, shard_grads in results[1:]:
+        for name, grad in shard_grads.items():
+            grads[name] += grad
     return loss, grads
 
 
-def _loss_and_grads(params, config, tokens, targets):
-    """loss_and_grads of one shard, on checked inputs."""
+def _loss_and_grads(params, config, tokens, targets, dloss=1.0):
+    """The loss of one shard, on checked inputs, and the gradient of dloss × that loss: a shard
+    holding this share of the batch's valid targets adds share × its gradient to the batch's."""
     h, (embed_cache, block_caches, norm_cache) = hidden_states(params, config, tokens, keep_caches=True)
     loss, head_cache = lm_head.forward(h, head_weight(params, config), targets)
 
     grads = {}
-    dh, d_head = lm_head.backward(1.0, head_cache)
+    dh, d_head = lm_head.backward(dloss, head_cache)
     dx, grads[FINAL_NORM] = rmsnorm.backward(dh, norm_cache)
     for layer in reversed(range(config.num_hidden_layers)):
         dx, block_grads = block_backward(dx, block_caches[layer])
