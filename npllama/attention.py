@@ -3,22 +3,25 @@
 Shapes: x: (B, T, D); H query heads and K key/value heads of size hd (D = H·hd); G = H / K query
 heads share each key/value head; query head h reads key/value head h // G (HF's repeat_kv order).
 
-Forward:
-    q = RoPE(x Wqᵀ) · s,  k = RoPE(x Wkᵀ),  v = x Wvᵀ      q: (B, H, T, hd)   k, v: (B, K, T, hd)
-                                                           s = 1/√hd folded into q (cheaper than scores)
+Forward (s = 1/√hd):
+    q = s · RoPE(x Wqᵀ),  k = RoPE(x Wkᵀ),  v = x Wvᵀ      q: (B, H, T, hd)   k, v: (B, K, T, hd)
     S = q kᵀ + M                                           S: (B, H, T, T); M[i, j] = −∞ where j > i
     P = softmax(S) over the last axis                      P: (B, H, T, T)
     O = P v                                                O: (B, H, T, hd), heads concatenated (B, T, D)
     y = O Woᵀ                                              y: (B, T, D)
-    GQA costs no copy of k or v: the G query heads of one group are stacked along the time axis,
-    q -> (B, K, G·T, hd), so one batched matmul per group serves all of them.
 Backward (dy given):
     dO = dy Wo,  dWo = Σ dyᵀ O
     dP = dO vᵀ,  dv = Pᵀ dO                                (dv sums over the G heads of its group)
     dS = P ⊙ (dP − rowsum(dP ⊙ P))                         softmax's Jacobian-vector product
-    dq = dS k,   dk = dSᵀ q                                 (with q already scaled by s)
-    then RoPE backward on dq·s and dk, and the three input projections:
-    dx = dq Wq + dk Wk + dv Wv,   dWq = Σ dqᵀ x  (likewise dWk, dWv)
+    dq = dS k,   dk = dSᵀ q                                 (gradients of the rotated, scaled q and of k)
+    dWq = s · Σ RoPE⁻¹(dq)ᵀ x,  dWk = Σ RoPE⁻¹(dk)ᵀ x,  dWv = Σ dvᵀ x
+    dx = s · RoPE⁻¹(dq) Wq + RoPE⁻¹(dk) Wk + dv Wv
+How it is computed:
+  - The three projections are one product with the stacked weight [s·Wq; Wk; Wv]: RoPE is linear, so
+    s folded into Wq scales q, at the cost of a (D, D) multiply instead of a (B, T, D) one. The q and
+    k rows are in RoPE's paired order (rope.py), which leaves every q·k unchanged.
+  - GQA costs no copy of k or v: the G query heads of one group are stacked along the time axis,
+    q -> (B, K, G·T, hd), so one batched product per group serves all of them.
 """
 from . import backend, linear, rope
 

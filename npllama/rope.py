@@ -61,24 +61,16 @@ def _complex_dtype(real_dtype):
     return np.complex128 if np.dtype(real_dtype) == np.float64 else np.complex64
 
 
-def pair_order(n_heads, head_dim):
-    """The row order of to_pairs: head by head, [0, hd/2, 1, 1 + hd/2, …]."""
-    half = head_dim // 2
-    within_head = np.stack((np.arange(half), np.arange(half) + half), axis=1).reshape(-1)
-    return (np.arange(n_heads)[:, None] * head_dim + within_head).reshape(-1)
-
-
 def to_pairs(weight, head_dim):
-    """Projection rows (n·hd, D) in HF order -> each pair's two rows side by side."""
-    return weight[pair_order(weight.shape[0] // head_dim, head_dim)]
+    """Projection rows (n·hd, D) in HF order -> each head's rows i and i + hd/2 side by side."""
+    heads = weight.shape[0] // head_dim
+    return weight.reshape(heads, 2, head_dim // 2, -1).transpose(0, 2, 1, 3).reshape(weight.shape)
 
 
 def from_pairs(weight, head_dim):
     """Inverse of to_pairs."""
-    xp = backend.array_module(weight)
-    result = xp.empty_like(weight)
-    result[pair_order(weight.shape[0] // head_dim, head_dim)] = weight
-    return result
+    heads = weight.shape[0] // head_dim
+    return weight.reshape(heads, head_dim // 2, 2, -1).transpose(0, 2, 1, 3).reshape(weight.shape)
 
 
 def _rotate(x, rotation):
