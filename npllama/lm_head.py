@@ -16,22 +16,23 @@ IGNORE_INDEX = -100
 
 
 def forward(x, weight, targets):
-    """targets: (B, T) ints in [0, V) or IGNORE_INDEX. Returns loss: a 0-d array."""
+    """targets: (B, T) ints in [0, V) or IGNORE_INDEX. Returns loss: a 0-d array.
+
+    One (N, V) buffer serves as logits, then exponentials, then probabilities (kept for backward)."""
     xp = backend.array_module(x)
     logits, _ = linear.forward(x, weight)
-    logits = logits.reshape(-1, weight.shape[0])                       # (N_all, V)
+    logits = logits.reshape(-1, weight.shape[0])                       # (N, V)
     targets = targets.reshape(-1)
     valid = targets != IGNORE_INDEX
     n_valid = int(valid.sum())
     if n_valid == 0:
         raise ValueError("every target is the ignore index (-100): the loss is undefined")
-    rows = xp.arange(targets.shape[0])
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = xp.exp(shifted)
-    sum_exp = exp.sum(axis=-1)
-    nll = xp.log(sum_exp) - shifted[rows, xp.where(valid, targets, 0)]
-    loss = (nll * valid).sum() / n_valid
-    probs = exp / sum_exp[:, None]
+    logits -= logits.max(axis=-1, keepdims=True)                       # each row's largest logit is 0
+    target_logits = logits[xp.arange(targets.shape[0]), xp.where(valid, targets, 0)]
+    probs = xp.exp(logits, out=logits)
+    sum_exp = probs.sum(axis=-1)
+    loss = ((xp.log(sum_exp) - target_logits) * valid).sum() / n_valid
+    probs /= sum_exp[:, None]
     return loss, (x, weight, probs, targets, valid, n_valid)
 
 
@@ -39,9 +40,10 @@ def backward(dloss, cache):
     """Returns dx: (B, T, D), dW: (V, D)."""
     x, weight, probs, targets, valid, n_valid = cache
     xp = backend.array_module(probs)
-    rows = xp.arange(targets.shape[0])[valid]
     scale = dloss / n_valid
-    dlogits = xp.where(valid[:, None], probs * scale, 0)
-    dlogits[rows, targets[valid]] -= scale
+    dlogits = probs * scale
+    dlogits[~valid] = 0
+    rows = xp.flatnonzero(valid)
+    dlogits[rows, targets[rows]] -= scale
     dx, dweight = linear.backward(dlogits.reshape(*x.shape[:-1], -1), (x, weight))
     return dx, dweight
