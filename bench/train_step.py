@@ -5,8 +5,8 @@
     python bench/train_step.py --torch                           # also HF LlamaForCausalLM (torch eager)
 
 Prints the median ms per step and tokens/s over --steps timed steps (after --warmup). torch (only for
-the comparison; never an npllama dependency) runs with the same thread count and is timed for
-forward + backward, and for the full step with torch.optim.AdamW.
+the comparison; never an npllama dependency) runs with the same thread count (--threads, default
+all cores) and is timed for forward + backward, and for the full step with torch.optim.AdamW.
 """
 import argparse
 import os
@@ -38,7 +38,7 @@ def report(label, ms, tokens):
     print(f"{label:<44} {ms:9.2f} ms/step {tokens / ms * 1000:12.0f} tok/s")
 
 
-def bench_npllama(config, batch, tokens_in, targets, args):
+def bench_npllama(config, tokens_in, targets, args):
     params = npllama.init_params(config, seed=0)
     sync = (lambda: backend.xp().cuda.Device().synchronize()) if backend.device() == "cuda" else (lambda: None)
     ms = median_ms(lambda: npllama.loss_and_grads(params, config, tokens_in, targets), args.steps,
@@ -82,6 +82,7 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--torch", action="store_true", help="also time HF transformers (torch eager)")
     args = parser.parse_args()
+    os.environ["NPLLAMA_THREADS"] = str(args.threads)  # npllama's batch shards: one per thread
 
     config = npllama.LlamaConfig.preset(args.preset)
     rng = np.random.default_rng(0)
@@ -89,7 +90,7 @@ def main():
     tokens_in, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()
     print(f"{args.preset}: {npllama.config.human_count(config.num_parameters())} params, "
           f"B={args.batch_size} T={args.seq_len}, device {backend.describe()}")
-    bench_npllama(config, args.batch_size, tokens_in, targets, args)
+    bench_npllama(config, tokens_in, targets, args)
     if args.torch:
         bench_torch(config, tokens_in, targets, args)
 

@@ -69,8 +69,9 @@ def forward(x, wq, wk, wv, wo, rotation):
     qkv = linear.forward(x, w_qkv)[0].reshape(batch, time, n_heads + 2 * n_kv_heads, head_dim)
     qk, _ = rope.forward(qkv[:, :, :n_heads + n_kv_heads], rotation[:, None])   # positions on axis 1
     q = qk[:, :, :n_heads].transpose(0, 2, 1, 3).reshape(batch, n_kv_heads, -1, head_dim)  # (B, K, G·T, hd)
-    k = qk[:, :, n_heads:].transpose(0, 2, 1, 3)                                  # (B, K, T, hd)
-    v = qkv[:, :, n_heads + n_kv_heads:].transpose(0, 2, 1, 3)                    # (B, K, T, hd)
+    # k and v are copied out so the cache does not keep the whole fused buffers alive.
+    k = xp.ascontiguousarray(qk[:, :, n_heads:].transpose(0, 2, 1, 3))            # (B, K, T, hd)
+    v = xp.ascontiguousarray(qkv[:, :, n_heads + n_kv_heads:].transpose(0, 2, 1, 3))  # (B, K, T, hd)
 
     scores = (q @ k.transpose(0, 1, 3, 2)).reshape(batch, n_kv_heads, -1, time, time)
     scores += causal_mask(time, time, scores.dtype, xp)                  # (B, K, G, T, T)
@@ -108,4 +109,4 @@ def backward(dy, cache):
     q_rows, k_rows = n_heads * head_dim, n_kv_heads * head_dim
     dwq = rope.from_pairs(dw_qkv[:q_rows] * head_dim ** -0.5, head_dim)
     dwk = rope.from_pairs(dw_qkv[q_rows:q_rows + k_rows], head_dim)
-    return dx, dwq, dwk, dw_qkv[q_rows + k_rows:], dwo
+    return dx, dwq, dwk, dw_qkv[q_rows + k_rows:].copy(), dwo

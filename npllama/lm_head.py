@@ -16,7 +16,7 @@ IGNORE_INDEX = -100
 
 
 def forward(x, weight, targets):
-    """targets: (B, T) ints in [0, V) or IGNORE_INDEX. Returns loss: a 0-d array.
+    """targets: (B, T) ints in [0, V) or IGNORE_INDEX. Returns (loss: a scalar array, cache).
 
     One (N, V) buffer serves as logits, then exponentials, then probabilities (kept for backward)."""
     xp = backend.array_module(x)
@@ -40,7 +40,7 @@ def backward(dloss, cache):
     """Returns dx: (B, T, D), dW: (V, D)."""
     x, weight, probs, targets, valid, n_valid = cache
     xp = backend.array_module(probs)
-    scale = dloss / n_valid
+    scale = float(dloss) / n_valid  # a Python float keeps the dtype of probs
     dlogits = probs * scale
     dlogits[~valid] = 0
     rows = xp.flatnonzero(valid)

@@ -111,11 +111,16 @@ def _check_tokens(tokens, config, xp):
     return tokens
 
 
-def hidden_states(params, config, tokens, keep_caches=False):
-    """The final normed hidden states h: (B, T, D), and the caches for backward (None unless kept)."""
+def hidden_states(params, config, tokens):
+    """tokens: (B, T) ints -> the final normed hidden states h: (B, T, D)."""
+    tokens = _check_tokens(tokens, config, backend.array_module(params[EMBEDDING]))
+    return _run_stack(params, config, tokens, keep_caches=False)[0]
+
+
+def _run_stack(params, config, tokens, keep_caches):
+    """h: (B, T, D) for checked tokens, and the caches for backward (None unless kept)."""
     weight = params[EMBEDDING]
     xp = backend.array_module(weight)
-    tokens = _check_tokens(tokens, config, xp)
     rotation = rope.tables(config, np.arange(tokens.shape[1]), weight.dtype, xp)
     x, embed_cache = embedding.forward(weight, tokens)
     block_caches = []
@@ -130,7 +135,7 @@ def hidden_states(params, config, tokens, keep_caches=False):
 
 def forward(params, config, tokens):
     """tokens: (B, T) ints -> logits: (B, T, V), on the parameters' device."""
-    h, _ = hidden_states(params, config, tokens)
+    h = hidden_states(params, config, tokens)
     return linear.forward(h, head_weight(params, config))[0]
 
 
@@ -144,13 +149,15 @@ def loss_and_grads(params, config, tokens, targets):
     tokens, targets = _check_tokens(tokens, config, xp), xp.asarray(targets)
     if targets.shape != tokens.shape:
         raise ValueError(f"targets shape {targets.shape} differs from tokens shape {tokens.shape}")
+    if targets.dtype.kind not in "iu":
+        raise ValueError(f"targets must be integers, got {targets.dtype}")
     valid = targets != lm_head.IGNORE_INDEX
     if bool(((targets < 0) | (targets >= config.vocab_size))[valid].any()):
         raise ValueError(f"targets must lie in [0, {config.vocab_size}) or be {lm_head.IGNORE_INDEX}")
     if not bool(valid.any()):
         raise ValueError(f"every target is the ignore index ({lm_head.IGNORE_INDEX}): the loss is undefined")
 
-    workers = min(backend.cpu_workers(), tokens.shape[0])
+    workers = min(backend.cpu_workers(), tokens.shape[0]) if xp is np else 1
     if workers == 1:
         return _loss_and_grads(params, config, tokens, targets)
     shards = [rows for rows in np.array_split(np.arange(tokens.shape[0]), workers) if valid[rows].any()]
@@ -169,7 +176,7 @@ def loss_and_grads(params, config, tokens, targets):
 def _loss_and_grads(params, config, tokens, targets, dloss=1.0):
     """The loss of one shard, on checked inputs, and the gradient of dloss × that loss: a shard
     holding this share of the batch's valid targets adds share × its gradient to the batch's."""
-    h, (embed_cache, block_caches, norm_cache) = hidden_states(params, config, tokens, keep_caches=True)
+    h, (embed_cache, block_caches, norm_cache) = _run_stack(params, config, tokens, keep_caches=True)
     loss, head_cache = lm_head.forward(h, head_weight(params, config), targets)
 
     grads = {}

@@ -15,9 +15,10 @@ from . import backend
 
 def forward(x, weight, eps):
     xp = backend.array_module(x)
-    mean_square = xp.einsum("...d,...d->...", x, x)[..., None] / x.shape[-1]
+    wide = x.astype(xp.float32) if x.dtype == xp.float16 else x  # as HF: x² overflows fp16 past 256
+    mean_square = xp.einsum("...d,...d->...", wide, wide)[..., None] / x.shape[-1]
     r = 1 / xp.sqrt(mean_square + eps)
-    x_hat = x * r
+    x_hat = (wide * r).astype(x.dtype, copy=False)
     return x_hat * weight, (x_hat, r, weight)
 
 

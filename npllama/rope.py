@@ -7,7 +7,8 @@ i + hd/2 and rotates each pair by the angle θᵢ·p at position p:
 Read the pair as one complex number zᵢ = x_i + j·x_{i+hd/2} and this is a product:
 Forward:   y = z ⊙ e^{jpθ}                                     z, y: (..., T, n, hd/2) complex
 Backward:  a rotation's inverse is its transpose, the rotation by −θ:  dz = dy ⊙ e^{−jpθ}
-To multiply in place the two features of a pair must sit side by side. `to_pairs` reorders q and k
+To be read as one complex number the two features of a pair must sit side by side in memory (a
+float array is then viewed as a complex one, no copy). `to_pairs` reorders q and k
 projection rows so they do ([x₀, x_{hd/2}, x₁, x_{1+hd/2}, …] per head) and `from_pairs` undoes it on
 their gradients; attention only forms q·k, which is the same for any order shared by q and k.
 Meta's checkpoints store this paired order; importers convert them to HF's on import.

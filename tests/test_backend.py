@@ -39,7 +39,7 @@ def test_environment_variable_chooses(restore_backend, monkeypatch):
     assert backend.device() == "cpu"
 
 
-def test_array_module_and_moves():
+def test_array_module_and_moves(xp):
     host = np.arange(6, dtype=np.float32)
     assert backend.array_module(host, [1, 2]) is np
     on_device = backend.to_device(host, dtype="float64")

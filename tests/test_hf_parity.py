@@ -17,7 +17,8 @@ NAMES = [os.path.basename(path)[3:-4] for path in FIXTURES]
 
 
 def test_fixtures_cover_the_required_configs():
-    assert {"mha_untied", "gqa_tied", "rope_theta_eps", "odd_intermediate_mqa"} <= set(NAMES)
+    assert {"mha_untied", "gqa_tied", "rope_theta_eps", "odd_intermediate_mqa", "llama3_rope_scaling",
+            "linear_rope_scaling"} <= set(NAMES)
 
 
 @pytest.fixture(params=FIXTURES, ids=NAMES)

@@ -20,7 +20,7 @@ def random_params(config, xp, rng):
         if value.ndim == 1:
             params[name] = xp.asarray(rng.uniform(0.5, 1.5, value.shape))
         else:
-            params[name] = xp.asarray(rng.standard_normal(value.shape) * 0.3)
+            params[name] = xp.asarray(rng.standard_normal(value.shape) * 0.5)
     return params
 
 
@@ -46,7 +46,7 @@ def test_model_gradients(xp, rng, tied):
             indices = rows * config.hidden_size + rng.integers(0, config.hidden_size, SAMPLES_PER_TENSOR)
         numeric = numerical_grad(loss_only, value, indices)
         analytic = backend.to_host(grads[name]).reshape(-1)[indices]
-        assert np.abs(numeric).max() > 1e-4, f"{name}: sampled gradient too small to test"
+        assert np.abs(numeric).max() > 1e-3, f"{name}: sampled gradient too small to test"
         error = relative_error(analytic, numeric)
         assert error < 1e-6, f"{name}: relative error {error:.2e}"
 
