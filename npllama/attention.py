@@ -23,11 +23,15 @@ How it is computed:
   - GQA costs no copy of k or v: the G query heads of one group are stacked along the time axis,
     q -> (B, K, G·T, hd), so one batched product per group serves all of them.
 """
+import functools
+
 from . import backend, linear, rope
 
 
+@functools.lru_cache(maxsize=16)
 def causal_mask(t_query, t_key, dtype, xp):
-    """M: (t_query, t_key), 0 where query i may see key j, −∞ where j is in its future.
+    """M: (t_query, t_key), 0 where query i may see key j, −∞ where j is in its future (read-only:
+    the same array is returned for the same arguments).
 
     Queries are the last t_query of the t_key positions (a KV cache puts earlier keys first)."""
     future = xp.arange(t_key)[None, :] > xp.arange(t_key - t_query, t_key)[:, None]
