@@ -34,11 +34,6 @@ class LlamaConfig:
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def num_key_value_groups(self):
-        """How many query heads share one key/value head (1 = MHA, num_attention_heads = MQA)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
     def validate(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):

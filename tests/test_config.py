@@ -87,4 +87,4 @@ def test_from_dict_errors():
 def test_defaults():
     config = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=4, num_hidden_layers=1,
                          num_attention_heads=2)
-    assert config.num_key_value_heads == 2 and config.num_key_value_groups == 1 and config.head_dim == 4
+    assert config.num_key_value_heads == 2 and config.head_dim == 4 and config.rope_scaling is None
