@@ -82,7 +82,7 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--torch", action="store_true", help="also time HF transformers (torch eager)")
     args = parser.parse_args()
-    os.environ["NPLLAMA_THREADS"] = str(args.threads)  # npllama's batch shards: one per thread
+    os.environ["NPLLAMA_WORKERS"] = str(args.threads)  # npllama: one batch shard per core
 
     config = npllama.LlamaConfig.preset(args.preset)
     rng = np.random.default_rng(0)

@@ -6,15 +6,14 @@ where arrays live is :func:`use` (the CLI's ``--device``) or the ``NPLLAMA_DEVIC
 (``cpu``, ``cuda`` or ``auto``; default ``auto``: CUDA when CuPy finds a GPU, else NumPy).
 No other file imports CuPy.
 
-On the CPU it also owns the threads: NumPy runs elementwise work on one core, so training splits
-each batch across the cores (:func:`parallel_map`), one BLAS thread per worker. ``NPLLAMA_THREADS``
-sets the number of workers (default: the cores this process may use).
+On the CPU it also says how many cores a training step may use (:func:`cpu_workers`) and runs BLAS
+on one thread while each core computes its own shard of the batch (shards.py). ``NPLLAMA_WORKERS``
+sets the number of shards (default: the cores this process may use; 1 turns sharding off).
 """
 import contextlib
 import ctypes
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -139,7 +138,7 @@ def scatter_add(target, indices, values):
     return target
 
 
-# ---- CPU threads ----------------------------------------------------------------------------------
+# ---- CPU cores -----------------------------------------------------------------------------------
 _BLAS_THREAD_FUNCTIONS = [  # (set, get) in the BLAS builds NumPy ships with or links against
     ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
     ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
@@ -169,24 +168,20 @@ def _blas_thread_control():
 
 
 def cpu_workers():
-    """How many batch shards training runs at once on the CPU (1 when BLAS threads can't be set)."""
+    """How many batch shards a training step runs at once on the CPU (1 when BLAS threads can't be set)."""
     if device() != "cpu" or _blas_thread_control() is None:
         return 1
-    requested = os.environ.get("NPLLAMA_THREADS", "").strip()
+    requested = os.environ.get("NPLLAMA_WORKERS", "").strip()
     if requested:
         if not requested.isdigit() or int(requested) < 1:
-            raise BackendError(f"NPLLAMA_THREADS must be a positive integer, got {requested!r}")
+            raise BackendError(f"NPLLAMA_WORKERS must be a positive integer, got {requested!r}")
         return int(requested)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _pool(workers):
-    return ThreadPoolExecutor(workers, thread_name_prefix="npllama")
-
-
 @contextlib.contextmanager
-def _single_threaded_blas():
+def single_threaded_blas():
+    """BLAS on one thread inside the block (the caller runs one shard per core), as before after it."""
     set_threads, get_threads = _blas_thread_control()
     before = get_threads()
     set_threads(1)
@@ -194,14 +189,3 @@ def _single_threaded_blas():
         yield
     finally:
         set_threads(before)
-
-
-def parallel_map(function, items):
-    """[function(item) for item in items], run on cpu_workers() threads with one BLAS thread each.
-
-    NumPy and BLAS release the GIL, so the workers' array work runs on all cores at once."""
-    items = list(items)
-    if len(items) == 1:
-        return [function(items[0])]
-    with _single_threaded_blas():
-        return list(_pool(len(items)).map(function, items))

@@ -13,7 +13,7 @@ Parameters are a flat dict with HF transformers' names and (out, in) layouts; gr
 """
 import numpy as np
 
-from . import attention, backend, embedding, linear, lm_head, rmsnorm, rope, swiglu
+from . import attention, backend, embedding, linear, lm_head, rmsnorm, rope, shards, swiglu
 
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -143,8 +143,8 @@ def loss_and_grads(params, config, tokens, targets):
     """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T),
     and its gradient for every parameter. Returns (loss: float, grads: dict like params).
 
-    On the CPU the batch is split into shards run side by side (backend.parallel_map); the loss is a
-    mean over valid targets, so each shard's loss and grads count by its share of them."""
+    On the CPU the batch is split into one shard per core, computed at the same time (shards.py). The
+    loss is a mean over valid targets, so each shard's loss and gradient count by its share of them."""
     xp = backend.array_module(params[EMBEDDING])
     tokens, targets = _check_tokens(tokens, config, xp), xp.asarray(targets)
     if targets.shape != tokens.shape:
@@ -158,22 +158,18 @@ def loss_and_grads(params, config, tokens, targets):
         raise ValueError(f"every target is the ignore index ({lm_head.IGNORE_INDEX}): the loss is undefined")
 
     workers = min(backend.cpu_workers(), tokens.shape[0]) if xp is np else 1
-    if workers == 1:
-        return _loss_and_grads(params, config, tokens, targets)
-    shards = [rows for rows in np.array_split(np.arange(tokens.shape[0]), workers) if valid[rows].any()]
-    shares = [float(valid[rows].sum() / valid.sum()) for rows in shards]
-    results = backend.parallel_map(
-        lambda shard: _loss_and_grads(params, config, tokens[shard[0]], targets[shard[0]], dloss=shard[1]),
-        zip(shards, shares))
-    loss = sum(share * shard_loss for share, (shard_loss, _) in zip(shares, results))
-    grads = results[0][1]
-    for _, shard_grads in results[1:]:
-        for name, grad in shard_grads.items():
-            grads[name] += grad
-    return loss, grads
+    rows = [rows for rows in np.array_split(np.arange(tokens.shape[0]), workers) if valid[rows].any()]
+    if len(rows) == 1:
+        return shard_loss_and_grads(params, config, tokens, targets)
+    shares = [float(valid[shard_rows].sum() / valid.sum()) for shard_rows in rows]
+    with backend.single_threaded_blas():
+        losses, grads = shards.pool(workers - 1).run(
+            params, config, [(tokens[r], targets[r], share) for r, share in zip(rows, shares)],
+            lambda shard: shard_loss_and_grads(params, config, *shard))
+    return sum(share * loss for share, loss in zip(shares, losses)), grads
 
 
-def _loss_and_grads(params, config, tokens, targets, dloss=1.0):
+def shard_loss_and_grads(params, config, tokens, targets, dloss=1.0):
     """The loss of one shard, on checked inputs, and the gradient of dloss × that loss: a shard
     holding this share of the batch's valid targets adds share × its gradient to the batch's."""
     h, (embed_cache, block_caches, norm_cache) = _run_stack(params, config, tokens, keep_caches=True)
