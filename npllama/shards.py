@@ -12,6 +12,7 @@ import atexit
 import os
 import pickle
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -30,7 +31,8 @@ class SharedArrays:
         offsets, size = [], 0
         for _, shape, dtype in layout:
             offsets.append(size)
-            size += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // ALIGNMENT) * ALIGNMENT
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            size += (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
         self.buffer = np.memmap(path, dtype=np.uint8, mode="w+" if create else "r+", shape=(max(size, 1),))
         self.arrays = {name: np.ndarray(shape, dtype, buffer=self.buffer, offset=offset)
                        for (name, shape, dtype), offset in zip(layout, offsets)}
@@ -86,7 +88,11 @@ class ShardPool:
             self._share(params)
             busy = self.helpers[:len(shards) - 1]
             for helper, shard in zip(busy, shards[1:]):
-                _send(helper.stdin, ("shard", config, *shard))
+                try:
+                    _send(helper.stdin, ("shard", config, *shard))
+                except BrokenPipeError:
+                    raise RuntimeError(f"a shard helper process ({helper.pid}) has exited "
+                                       f"with code {helper.poll()}") from None
             try:
                 loss, grads = compute(shards[0])
             finally:  # every helper's answer is read, so the next step's answers are its own
@@ -131,6 +137,7 @@ def pool(helpers):
 def serve():
     """A helper's loop: read messages from stdin, compute shards, answer on stdout."""
     from . import backend, model
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     backend.use("cpu")  # also tunes malloc for this process
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the replies
