@@ -3,15 +3,15 @@
 NumPy runs elementwise work on one core, and it holds Python's GIL through its many small reductions,
 so threads of one process keep waiting for each other; processes do not. The main process computes
 the first shard itself while each helper process (one per further core, started on first use,
-running `serve`) computes one more. Parameters and gradients travel through memory-mapped
-files in shared memory: each step copies the parameters in once, each helper writes its shard's
-gradients there, and the main process adds them to its own. Small messages (the config, the shard's
-tokens and targets, the loss) go through the helpers' stdin and stdout as pickles.
+running `serve`) computes one more. Parameters and gradients travel through shared memory (files
+in /dev/shm, mapped by every process and then removed): each step copies the parameters in once,
+each helper writes its shard's gradients there, and the main process adds them to its own. Small
+messages (the config, the shard's tokens and targets, the loss) go through the helpers' stdin and
+stdout as pickles.
 """
 import atexit
 import os
 import pickle
-import shutil
 import signal
 import struct
 import subprocess
@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 ALIGNMENT = 64  # bytes: each array starts on a cache line
+SHARED_DIRECTORY = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # RAM-backed on Linux
 
 
 class SharedArrays:
@@ -52,84 +53,103 @@ def _receive(stream):
 
 
 class ShardPool:
-    """The main process's side: helper processes and the shared files they read and write."""
+    """The main process's side: the helper processes and the shared arrays they read and write.
+
+    Any failure during a step closes the pool (a helper may have an answer left unread); the next
+    step starts a new one."""
 
     def __init__(self, helpers):
-        self.directory = tempfile.mkdtemp(prefix="npllama-shards-",
-                                          dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, NPLLAMA_DEVICE="cpu", NPLLAMA_WORKERS="1", OPENBLAS_NUM_THREADS="1",
                    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
         command = [sys.executable, "-c", "from npllama.shards import serve; serve()"]
-        self.helpers = [subprocess.Popen(command, stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, env=env) for _ in range(helpers)]
+        self.helpers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                        for _ in range(helpers)]
         self.layout = None
         self.lock = threading.Lock()
         atexit.register(self.close)
 
+    @property
+    def closed(self):
+        return not self.helpers
+
     def _share(self, params):
-        """Copy the parameters into the shared file (re-laying it out when their shapes change)."""
+        """Copy the parameters into shared memory, first laying it out anew if their shapes changed.
+
+        The files are removed as soon as every helper has mapped them: nothing is left behind in
+        /dev/shm, however the processes end."""
         layout = [(name, array.shape, array.dtype.str) for name, array in params.items()]
         if layout != self.layout:
-            self.layout = layout
-            self.params = SharedArrays(os.path.join(self.directory, "params"), layout, create=True).arrays
-            self.grads = [SharedArrays(os.path.join(self.directory, f"grads{i}"), layout, create=True).arrays
-                          for i in range(len(self.helpers))]
-            for i, helper in enumerate(self.helpers):
-                _send(helper.stdin, ("layout", self.directory, i, layout))
+            paths = [_new_file() for _ in range(1 + len(self.helpers))]
+            try:
+                self.params = SharedArrays(paths[0], layout, create=True).arrays
+                self.grads = [SharedArrays(path, layout, create=True).arrays for path in paths[1:]]
+                for helper, grads_path in zip(self.helpers, paths[1:]):
+                    _send(helper.stdin, ("layout", paths[0], grads_path, layout))
+                for helper in self.helpers:
+                    _receive(helper.stdout)
+                self.layout = layout
+            finally:
+                for path in paths:
+                    os.remove(path)
         for name, array in params.items():
             self.params[name][...] = array
 
     def run(self, params, config, shards, compute):
         """compute(shard) -> (loss, grads) for shards[0] here, the others in the helpers.
         A shard is (tokens, targets, dloss). Returns the losses and the sum of the gradients."""
-        with self.lock:  # one step at a time: the helpers answer in the order they were asked
-            self._share(params)
-            busy = self.helpers[:len(shards) - 1]
-            for helper, shard in zip(busy, shards[1:]):
-                try:
-                    _send(helper.stdin, ("shard", config, *shard))
-                except BrokenPipeError:
-                    raise RuntimeError(f"a shard helper process ({helper.pid}) has exited "
-                                       f"with code {helper.poll()}") from None
+        with self.lock:  # one step at a time: each helper answers in the order it was asked
             try:
-                loss, grads = compute(shards[0])
-            finally:  # every helper's answer is read, so the next step's answers are its own
-                replies = [self._reply(helper) for helper in busy]
-        for status, value in replies:
+                return self._run(params, config, shards, compute)
+            except BaseException:
+                self.close()
+                raise
+
+    def _run(self, params, config, shards, compute):
+        self._share(params)
+        busy = self.helpers[:len(shards) - 1]
+        for helper, shard in zip(busy, shards[1:]):
+            _send(helper.stdin, ("shard", config, *shard))
+        loss, grads = compute(shards[0])
+        losses = [loss]
+        for helper, helper_grads in zip(busy, self.grads):
+            try:
+                status, value = _receive(helper.stdout)
+            except EOFError:
+                status, value = "error", f"process {helper.pid} exited with code {helper.poll()}"
             if status == "error":
                 raise RuntimeError(f"a shard helper process failed: {value}")
-        for i, _ in enumerate(replies):
+            losses.append(value)
             for name, grad in grads.items():
-                grad += self.grads[i][name]
-        return [loss] + [value for _, value in replies], grads
-
-    @staticmethod
-    def _reply(helper):
-        try:
-            return _receive(helper.stdout)
-        except EOFError:
-            return "error", f"process {helper.pid} exited with code {helper.poll()}"
+                grad += helper_grads[name]
+        return losses, grads
 
     def close(self):
         for helper in self.helpers:
-            if helper.poll() is None:
-                helper.stdin.close()  # end of input: the helper returns from serve()
-                try:
-                    helper.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    helper.kill()
+            helper.stdin.close()  # end of input: the helper returns from serve()
+        for helper in self.helpers:
+            try:
+                helper.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # busy with a shard whose answer nobody will read
+                helper.kill()
+                helper.wait()
+            helper.stdout.close()
         self.helpers = []
-        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _new_file():
+    descriptor, path = tempfile.mkstemp(prefix="npllama-shard-", dir=SHARED_DIRECTORY)
+    os.close(descriptor)
+    return path
 
 
 _pools = {}
 
 
 def pool(helpers):
-    """The process-wide pool with this many helpers (started on first use)."""
-    if helpers not in _pools:
+    """The process-wide pool with this many helpers (started on first use, again after a failure)."""
+    if helpers not in _pools or _pools[helpers].closed:
         _pools[helpers] = ShardPool(helpers)
     return _pools[helpers]
 
@@ -148,9 +168,10 @@ def serve():
         except EOFError:
             return
         if message[0] == "layout":
-            _, directory, index, layout = message
-            params = SharedArrays(os.path.join(directory, "params"), layout, create=False).arrays
-            grads = SharedArrays(os.path.join(directory, f"grads{index}"), layout, create=False).arrays
+            _, params_path, grads_path, layout = message
+            params = SharedArrays(params_path, layout, create=False).arrays
+            grads = SharedArrays(grads_path, layout, create=False).arrays
+            _send(replies, ("mapped", None))
             continue
         _, config, tokens, targets, dloss = message
         try:
@@ -160,4 +181,3 @@ def serve():
             _send(replies, ("done", loss))
         except Exception as error:  # reported to the main process, which raises it
             _send(replies, ("error", f"{type(error).__name__}: {error}"))
-

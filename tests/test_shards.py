@@ -1,4 +1,6 @@
 """Batch shards computed in helper processes give the one-process result; their failures surface."""
+import os
+
 import numpy as np
 import pytest
 
@@ -27,21 +29,32 @@ def test_batch_shards_give_the_serial_result(xp, rng, monkeypatch):
         assert relative_error(grad, serial_grads[name]) < 1e-12, name
 
 
-def test_shard_helper_errors_surface_and_leave_the_pool_usable(xp):
+def test_shard_helper_errors_surface_and_the_next_step_works(xp):
     if xp is not np:
         pytest.skip("shard helper processes serve NumPy arrays only")
     config = npllama.LlamaConfig.preset("tiny")
     params = npllama.init_params(config)
     good = (np.zeros((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64), 0.5)
     bad = (np.full((1, 4), 10_000), np.ones((1, 4), dtype=np.int64), 0.5)  # no such token: IndexError
-    pool = shards.ShardPool(helpers=1)
-    try:
-        with pytest.raises(RuntimeError, match="a shard helper process failed: IndexError"):
-            pool.run(params, config, [good, bad], lambda shard: model.shard_loss_and_grads(params, config, *shard))
-        losses, _ = pool.run(params, config, [good, good],
-                             lambda shard: model.shard_loss_and_grads(params, config, *shard))
-        assert abs(losses[0] - losses[1]) < 1e-6
-    finally:
-        processes = list(pool.helpers)
-        pool.close()
-    assert all(process.poll() is not None for process in processes)
+
+    def compute(shard):
+        return model.shard_loss_and_grads(params, config, *shard)
+
+    pool = shards.pool(1)
+    helpers = list(pool.helpers)
+    with pytest.raises(RuntimeError, match="a shard helper process failed: IndexError"):
+        pool.run(params, config, [good, bad], compute)
+    assert pool.closed and all(helper.poll() is not None for helper in helpers)
+    losses, _ = shards.pool(1).run(params, config, [good, good], compute)
+    assert abs(losses[0] - losses[1]) < 1e-6
+
+
+def test_shared_memory_files_are_removed_once_mapped(xp):
+    if xp is not np:
+        pytest.skip("shard helper processes serve NumPy arrays only")
+    config = npllama.LlamaConfig.preset("tiny")
+    params = npllama.init_params(config)
+    shard = (np.zeros((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64), 0.5)
+    before = set(os.listdir(shards.SHARED_DIRECTORY))
+    shards.pool(1).run(params, config, [shard, shard], lambda s: model.shard_loss_and_grads(params, config, *s))
+    assert set(os.listdir(shards.SHARED_DIRECTORY)) == before
