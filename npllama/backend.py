@@ -168,15 +168,27 @@ def _blas_thread_control():
 
 
 def cpu_workers():
-    """How many batch shards a training step runs at once on the CPU (1 when BLAS threads can't be set)."""
+    """How many batch shards a training step runs at once on the CPU: NPLLAMA_WORKERS, else the
+    usable cores; 1 on a GPU, or where BLAS's thread count cannot be set."""
+    requested = os.environ.get("NPLLAMA_WORKERS", "").strip()
+    if requested and (not requested.isdigit() or int(requested) < 1):
+        raise BackendError(f"NPLLAMA_WORKERS must be a positive integer, got {requested!r}")
     if device() != "cpu" or _blas_thread_control() is None:
         return 1
-    requested = os.environ.get("NPLLAMA_WORKERS", "").strip()
-    if requested:
-        if not requested.isdigit() or int(requested) < 1:
-            raise BackendError(f"NPLLAMA_WORKERS must be a positive integer, got {requested!r}")
-        return int(requested)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return int(requested) if requested else usable_cores()
+
+
+def usable_cores(cpu_max="/sys/fs/cgroup/cpu.max"):
+    """The cores this process may run on, capped by a container's CPU quota (cgroup v2 cpu.max)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open(cpu_max) as limits:
+            quota, period = limits.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2 limits here
+        pass
+    return cores
 
 
 @contextlib.contextmanager

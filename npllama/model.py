@@ -157,16 +157,16 @@ def loss_and_grads(params, config, tokens, targets):
     if not bool(valid.any()):
         raise ValueError(f"every target is the ignore index ({lm_head.IGNORE_INDEX}): the loss is undefined")
 
-    workers = min(backend.cpu_workers(), tokens.shape[0]) if xp is np else 1
-    rows = [rows for rows in np.array_split(np.arange(tokens.shape[0]), workers) if valid[rows].any()]
+    workers = backend.cpu_workers() if xp is np else 1
+    rows = [rows for rows in np.array_split(np.arange(tokens.shape[0]), min(workers, tokens.shape[0]))
+            if valid[rows].any()]
     if len(rows) == 1:
         return shard_loss_and_grads(params, config, tokens, targets)
     shares = [float(valid[shard_rows].sum() / valid.sum()) for shard_rows in rows]
-    with backend.single_threaded_blas():
-        losses, grads = shards.pool(workers - 1).run(
-            params, config, [(tokens[r], targets[r], share) for r, share in zip(rows, shares)],
-            lambda shard: shard_loss_and_grads(params, config, *shard))
-    return sum(share * loss for share, loss in zip(shares, losses)), grads
+    losses, grads = shards.pool(workers - 1).run(
+        params, config, [(tokens[r], targets[r], share) for r, share in zip(rows, shares)],
+        lambda shard: shard_loss_and_grads(params, config, *shard))
+    return sum(share * loss for share, loss in zip(shares, losses, strict=True)), grads
 
 
 def shard_loss_and_grads(params, config, tokens, targets, dloss=1.0):

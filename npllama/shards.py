@@ -18,25 +18,50 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 
 import numpy as np
+
+from . import backend
 
 ALIGNMENT = 64  # bytes: each array starts on a cache line
 SHARED_DIRECTORY = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # RAM-backed on Linux
 
 
-class SharedArrays:
-    """name -> array views into one memory-mapped file, laid out from (name, shape, dtype) triples."""
+class HelperError(RuntimeError):
+    """A helper process failed or exited (message fit for the user)."""
 
-    def __init__(self, path, layout, create):
-        offsets, size = [], 0
-        for _, shape, dtype in layout:
-            offsets.append(size)
-            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            size += (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-        self.buffer = np.memmap(path, dtype=np.uint8, mode="w+" if create else "r+", shape=(max(size, 1),))
-        self.arrays = {name: np.ndarray(shape, dtype, buffer=self.buffer, offset=offset)
-                       for (name, shape, dtype), offset in zip(layout, offsets)}
+
+def _offsets(layout):
+    """Byte offsets of (name, shape, dtype) arrays laid out one after another, and the total size."""
+    offsets, size = [], 0
+    for _, shape, dtype in layout:
+        offsets.append(size)
+        size += (int(np.prod(shape)) * np.dtype(dtype).itemsize + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+    return offsets, max(size, 1)
+
+
+def _new_file(size):
+    """A file of this size in shared memory, its space reserved now (a full /dev/shm is an error
+    here, not a SIGBUS at the first write)."""
+    descriptor, path = tempfile.mkstemp(prefix="npllama-shard-", dir=SHARED_DIRECTORY)
+    try:
+        os.posix_fallocate(descriptor, 0, size)
+    except OSError as error:
+        os.remove(path)
+        raise HelperError(f"no room for {size / 2**20:.0f} MiB of shard buffers in {SHARED_DIRECTORY} "
+                          f"({error.strerror}); enlarge it or set NPLLAMA_WORKERS=1") from None
+    finally:
+        os.close(descriptor)
+    return path
+
+
+def _map(path, layout):
+    """name -> array views into the file at path."""
+    offsets, size = _offsets(layout)
+    buffer = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,))
+    return {name: np.ndarray(shape, dtype, buffer=buffer, offset=offset)
+            for (name, shape, dtype), offset in zip(layout, offsets)}
 
 
 def _send(stream, message):
@@ -61,18 +86,44 @@ class ShardPool:
     def __init__(self, helpers):
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, NPLLAMA_DEVICE="cpu", NPLLAMA_WORKERS="1", OPENBLAS_NUM_THREADS="1",
-                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
+                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         command = [sys.executable, "-c", "from npllama.shards import serve; serve()"]
-        self.helpers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-                        for _ in range(helpers)]
-        self.layout = None
+        # cwd: `python -c` imports from the working directory first; this one holds this npllama.
+        self.helpers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                         cwd=package_parent) for _ in range(helpers)]
+        self.owner = os.getpid()  # a forked child must not talk to its parent's helpers
+        self.layout = self.params = self.grads = None
         self.lock = threading.Lock()
-        atexit.register(self.close)
 
     @property
     def closed(self):
         return not self.helpers
+
+    def run(self, params, config, shards, compute):
+        """compute(shard) -> (loss, grads) for shards[0] here, the others in the helpers.
+        A shard is (tokens, targets, dloss). Returns the list of losses and the sum of the gradients."""
+        with self.lock:  # one step at a time: each helper answers in the order it was asked
+            if self.closed or len(shards) - 1 > len(self.helpers):
+                raise HelperError(f"this pool has {len(self.helpers)} helpers for {len(shards) - 1} shards")
+            try:
+                return self._run(params, config, shards, compute)
+            except BaseException:
+                self.close(wait=False)
+                raise
+
+    def _run(self, params, config, shards, compute):
+        self._share(params)
+        busy = self.helpers[:len(shards) - 1]
+        for helper, shard in zip(busy, shards[1:]):
+            self._ask(helper, ("shard", config, *shard))
+        with backend.single_threaded_blas():
+            loss, grads = compute(shards[0])
+        losses = [loss]
+        for helper, helper_grads in zip(busy, self.grads):
+            losses.append(self._answer(helper))
+            for name, grad in grads.items():
+                grad += helper_grads[name]
+        return losses, grads
 
     def _share(self, params):
         """Copy the parameters into shared memory, first laying it out anew if their shapes changed.
@@ -81,14 +132,16 @@ class ShardPool:
         /dev/shm, however the processes end."""
         layout = [(name, array.shape, array.dtype.str) for name, array in params.items()]
         if layout != self.layout:
-            paths = [_new_file() for _ in range(1 + len(self.helpers))]
+            self.layout = self.params = self.grads = None
+            size = _offsets(layout)[1]
+            paths = []
             try:
-                self.params = SharedArrays(paths[0], layout, create=True).arrays
-                self.grads = [SharedArrays(path, layout, create=True).arrays for path in paths[1:]]
+                paths = [_new_file(size) for _ in range(1 + len(self.helpers))]
                 for helper, grads_path in zip(self.helpers, paths[1:]):
-                    _send(helper.stdin, ("layout", paths[0], grads_path, layout))
+                    self._ask(helper, ("layout", paths[0], grads_path, layout))
                 for helper in self.helpers:
-                    _receive(helper.stdout)
+                    self._answer(helper)
+                self.params, self.grads = _map(paths[0], layout), [_map(path, layout) for path in paths[1:]]
                 self.layout = layout
             finally:
                 for path in paths:
@@ -96,67 +149,74 @@ class ShardPool:
         for name, array in params.items():
             self.params[name][...] = array
 
-    def run(self, params, config, shards, compute):
-        """compute(shard) -> (loss, grads) for shards[0] here, the others in the helpers.
-        A shard is (tokens, targets, dloss). Returns the losses and the sum of the gradients."""
-        with self.lock:  # one step at a time: each helper answers in the order it was asked
-            try:
-                return self._run(params, config, shards, compute)
-            except BaseException:
-                self.close()
-                raise
+    def _ask(self, helper, message):
+        try:
+            _send(helper.stdin, message)
+        except OSError:  # a broken pipe: the helper is gone
+            raise HelperError(self._exit_report(helper)) from None
 
-    def _run(self, params, config, shards, compute):
-        self._share(params)
-        busy = self.helpers[:len(shards) - 1]
-        for helper, shard in zip(busy, shards[1:]):
-            _send(helper.stdin, ("shard", config, *shard))
-        loss, grads = compute(shards[0])
-        losses = [loss]
-        for helper, helper_grads in zip(busy, self.grads):
-            try:
-                status, value = _receive(helper.stdout)
-            except EOFError:
-                status, value = "error", f"process {helper.pid} exited with code {helper.poll()}"
-            if status == "error":
-                raise RuntimeError(f"a shard helper process failed: {value}")
-            losses.append(value)
-            for name, grad in grads.items():
-                grad += helper_grads[name]
-        return losses, grads
+    def _answer(self, helper):
+        try:
+            status, value = _receive(helper.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            raise HelperError(self._exit_report(helper)) from None
+        if status == "error":
+            raise HelperError(f"a shard helper process failed:\n{value}")
+        return value
 
-    def close(self):
-        for helper in self.helpers:
-            helper.stdin.close()  # end of input: the helper returns from serve()
-        for helper in self.helpers:
+    @staticmethod
+    def _exit_report(helper):
+        try:
+            code = helper.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            return f"shard helper process {helper.pid} stopped answering"
+        reason = f"signal {-code}" if code < 0 else f"exit code {code}"
+        return f"shard helper process {helper.pid} ended ({reason})"
+
+    def close(self, wait=True):
+        """Stop the helpers: at the end of their input when wait (they finish what they are doing),
+        at once otherwise (after a failed step nobody will read their answers)."""
+        helpers, self.helpers = self.helpers, []
+        self.layout = self.params = self.grads = None
+        for helper in helpers:
+            try:
+                helper.stdin.close()
+            except OSError:  # a dead helper: the last message could not be flushed
+                pass
+            if not wait:
+                helper.kill()
+        for helper in helpers:
             try:
                 helper.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # busy with a shard whose answer nobody will read
+            except subprocess.TimeoutExpired:
                 helper.kill()
                 helper.wait()
             helper.stdout.close()
-        self.helpers = []
 
 
-def _new_file():
-    descriptor, path = tempfile.mkstemp(prefix="npllama-shard-", dir=SHARED_DIRECTORY)
-    os.close(descriptor)
-    return path
-
-
-_pools = {}
+_pool = None
 
 
 def pool(helpers):
-    """The process-wide pool with this many helpers (started on first use, again after a failure)."""
-    if helpers not in _pools or _pools[helpers].closed:
-        _pools[helpers] = ShardPool(helpers)
-    return _pools[helpers]
+    """The process's pool, with this many helpers (started on first use, and again after a failure,
+    a change in the number asked for, or a fork)."""
+    global _pool
+    if _pool is None or _pool.closed or _pool.owner != os.getpid() or len(_pool.helpers) != helpers:
+        if _pool is not None and _pool.owner == os.getpid():
+            _pool.close()
+        _pool = ShardPool(helpers)
+    return _pool
+
+
+@atexit.register
+def _close_pool():
+    if _pool is not None and _pool.owner == os.getpid():
+        _pool.close()
 
 
 def serve():
     """A helper's loop: read messages from stdin, compute shards, answer on stdout."""
-    from . import backend, model
+    from . import model
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     backend.use("cpu")  # also tunes malloc for this process
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
@@ -167,17 +227,16 @@ def serve():
             message = _receive(requests)
         except EOFError:
             return
-        if message[0] == "layout":
-            _, params_path, grads_path, layout = message
-            params = SharedArrays(params_path, layout, create=False).arrays
-            grads = SharedArrays(grads_path, layout, create=False).arrays
-            _send(replies, ("mapped", None))
-            continue
-        _, config, tokens, targets, dloss = message
         try:
+            if message[0] == "layout":
+                _, params_path, grads_path, layout = message
+                params, grads = _map(params_path, layout), _map(grads_path, layout)
+                _send(replies, ("mapped", None))
+                continue
+            _, config, tokens, targets, dloss = message
             loss, shard_grads = model.shard_loss_and_grads(params, config, tokens, targets, dloss)
             for name, grad in shard_grads.items():
                 grads[name][...] = grad
             _send(replies, ("done", loss))
-        except Exception as error:  # reported to the main process, which raises it
-            _send(replies, ("error", f"{type(error).__name__}: {error}"))
+        except Exception:  # reported to the main process, which raises it
+            _send(replies, ("error", traceback.format_exc(limit=-3)))

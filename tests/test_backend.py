@@ -51,3 +51,20 @@ def test_scatter_add_accumulates_repeats(xp):
     target = xp.zeros((4, 2))
     backend.scatter_add(target, xp.asarray([1, 3, 1]), xp.asarray([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
     np.testing.assert_array_equal(backend.to_host(target), [[0, 0], [6, 8], [0, 0], [3, 4]])
+
+
+def test_usable_cores_follow_a_container_quota(tmp_path):
+    unlimited = backend.usable_cores(cpu_max=str(tmp_path / "absent"))
+    assert unlimited >= 1
+    limits = tmp_path / "cpu.max"
+    limits.write_text("max 100000\n")
+    assert backend.usable_cores(cpu_max=str(limits)) == unlimited
+    limits.write_text("150000 100000\n")  # 1.5 CPUs: one whole core
+    assert backend.usable_cores(cpu_max=str(limits)) == 1
+
+
+def test_workers_setting_is_checked(restore_backend, monkeypatch):
+    backend.use("cpu")
+    monkeypatch.setenv("NPLLAMA_WORKERS", "two")
+    with pytest.raises(backend.BackendError, match="NPLLAMA_WORKERS must be a positive integer, got 'two'"):
+        backend.cpu_workers()
