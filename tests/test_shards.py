@@ -29,57 +29,51 @@ def test_batch_shards_give_the_serial_result(xp, rng, monkeypatch):
         assert relative_error(grad, serial_grads[name]) < 1e-12, name
 
 
-def _shard_compute(params, config):
-    return lambda shard: model.shard_loss_and_grads(params, config, *shard)
-
-
-def test_shard_helper_errors_surface_and_the_next_step_works(xp):
+@pytest.fixture
+def tiny(xp):
+    """config, params, a one-row shard (tokens, targets, dloss) and the main process's compute."""
     if xp is not np:
         pytest.skip("shard helper processes serve NumPy arrays only")
     config = npllama.LlamaConfig.preset("tiny")
     params = npllama.init_params(config)
-    good = (np.zeros((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64), 0.5)
-    bad = (np.full((1, 4), 10_000), np.ones((1, 4), dtype=np.int64), 0.5)  # no such token: IndexError
+    shard = (np.zeros((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64), 0.5)
+    return config, params, shard, lambda s: model.shard_loss_and_grads(params, config, *s)
 
+
+def test_shard_helper_errors_surface_and_the_next_step_works(tiny):
+    config, params, good, compute = tiny
+    bad = (np.full((1, 4), 10_000), good[1], 0.5)  # no such token: IndexError in the helper
     pool = shards.pool(1)
     helpers = list(pool.helpers)
     with pytest.raises(shards.HelperError, match="a shard helper process failed:(.|\n)*IndexError"):
-        pool.run(params, config, [good, bad], _shard_compute(params, config))
+        pool.run(params, config, [good, bad], compute)
     assert pool.closed and all(helper.poll() is not None for helper in helpers)
     with pytest.raises(shards.HelperError, match="0 helpers for 1 shards"):
-        pool.run(params, config, [good, good], _shard_compute(params, config))
-    losses, _ = shards.pool(1).run(params, config, [good, good], _shard_compute(params, config))
+        pool.run(params, config, [good, good], compute)
+    losses, _ = shards.pool(1).run(params, config, [good, good], compute)
     assert abs(losses[0] - losses[1]) < 1e-6
 
 
-def test_a_killed_helper_is_reported_and_replaced(xp):
-    if xp is not np:
-        pytest.skip("shard helper processes serve NumPy arrays only")
-    config = npllama.LlamaConfig.preset("tiny")
-    params = npllama.init_params(config)
-    shard = (np.zeros((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64), 0.5)
+def test_a_killed_helper_is_reported_and_replaced(tiny):
+    config, params, shard, compute = tiny
     pool = shards.pool(1)
-    pool.run(params, config, [shard, shard], _shard_compute(params, config))
+    pool.run(params, config, [shard, shard], compute)
     pool.helpers[0].kill()
     pool.helpers[0].wait()
     with pytest.raises(shards.HelperError, match=r"shard helper process \d+ ended \(signal 9\)"):
-        pool.run(params, config, [shard, shard], _shard_compute(params, config))
-    losses, _ = shards.pool(1).run(params, config, [shard, shard], _shard_compute(params, config))
+        pool.run(params, config, [shard, shard], compute)
+    losses, _ = shards.pool(1).run(params, config, [shard, shard], compute)
     assert len(losses) == 2
 
 
-def test_shared_memory_files_are_removed_once_mapped(xp, monkeypatch):
-    if xp is not np:
-        pytest.skip("shard helper processes serve NumPy arrays only")
+def test_shared_memory_files_are_removed_once_mapped(tiny, monkeypatch):
+    config, params, shard, compute = tiny
     created = []
     new_file = shards._new_file
     monkeypatch.setattr(shards, "_new_file", lambda size: created.append(new_file(size)) or created[-1])
-    config = npllama.LlamaConfig.preset("tiny")
-    params = npllama.init_params(config)
-    shard = (np.zeros((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64), 0.5)
     pool = shards.ShardPool(2)
     try:
-        pool.run(params, config, [shard, shard, shard], _shard_compute(params, config))
+        pool.run(params, config, [shard, shard, shard], compute)
     finally:
         pool.close()
     assert len(created) == 3 and not any(os.path.exists(path) for path in created)
