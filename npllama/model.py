@@ -158,13 +158,13 @@ def loss_and_grads(params, config, tokens, targets):
         raise ValueError(f"every target is the ignore index ({lm_head.IGNORE_INDEX}): the loss is undefined")
 
     workers = backend.cpu_workers() if xp is np else 1
-    rows = [rows for rows in np.array_split(np.arange(tokens.shape[0]), min(workers, tokens.shape[0]))
-            if valid[rows].any()]
-    if len(rows) == 1:
+    split = np.array_split(np.arange(tokens.shape[0]), min(workers, tokens.shape[0]))
+    row_groups = [rows for rows in split if valid[rows].any()]  # a shard with nothing to predict adds 0
+    if len(row_groups) == 1:
         return shard_loss_and_grads(params, config, tokens, targets)
-    shares = [float(valid[shard_rows].sum() / valid.sum()) for shard_rows in rows]
+    shares = [float(valid[rows].sum() / valid.sum()) for rows in row_groups]
     losses, grads = shards.pool(workers - 1).run(
-        params, config, [(tokens[r], targets[r], share) for r, share in zip(rows, shares)],
+        params, config, [(tokens[rows], targets[rows], share) for rows, share in zip(row_groups, shares)],
         lambda shard: shard_loss_and_grads(params, config, *shard))
     return sum(share * loss for share, loss in zip(shares, losses, strict=True)), grads
 
