@@ -79,7 +79,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=backend.usable_cores())
     parser.add_argument("--torch", action="store_true", help="also time HF transformers (torch eager)")
     args = parser.parse_args()
     os.environ["NPLLAMA_WORKERS"] = str(args.threads)  # npllama: one batch shard per core
