@@ -1,0 +1,112 @@
+"""The safetensors format, read by memory map and written by streaming, without a framework.
+
+Layout (https://github.com/huggingface/safetensors):
+    8 bytes        N, little-endian unsigned: the header's length
+    N bytes        JSON: {"__metadata__": {str: str}, NAME: {"dtype": "F32", "shape": [...],
+                   "data_offsets": [begin, end]}, ...}; offsets count from the end of the header
+    the rest       the tensors' bytes, little-endian, C order
+Reading maps the file once and views each tensor in place, so a 13.5 GB file costs no memory until
+its pages are touched. Writing streams one tensor at a time to a temporary file beside the target,
+then renames it: an interrupted write never leaves a half-written file under the target's name.
+"""
+import json
+import os
+import struct
+import tempfile
+
+import numpy as np
+
+from . import dtypes
+
+MAX_HEADER_BYTES = 100 << 20  # the reference implementation's limit too
+CODES = {dtype: code for code, dtype in dtypes.SAFETENSORS_CODES.items()}
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a readable safetensors file (message is one line, names the file)."""
+
+
+def read(path):
+    """(metadata: dict[str, str], tensors: dict[str, read-only memory-mapped array]) of a file."""
+    header, data_start = _read_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) > data_start else np.zeros(0, np.uint8)
+    tensors = {}
+    for name, entry in header.items():
+        dtype, shape, (begin, end) = _check_entry(path, name, entry)
+        if data_start + end > raw.size:
+            raise SafetensorsError(f"{path}: truncated: tensor {name} ends at byte {data_start + end:,} "
+                                   f"but the file has {raw.size:,}")
+        tensors[name] = raw[data_start + begin:data_start + end].view(dtype).reshape(shape)
+    return metadata, tensors
+
+
+def _read_header(path):
+    try:
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                raise SafetensorsError(f"{path}: not a safetensors file (only {len(prefix)} bytes)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(MAX_HEADER_BYTES, os.path.getsize(path) - 8):
+                raise SafetensorsError(f"{path}: not a safetensors file (its first 8 bytes give a header "
+                                       f"of {length:,} bytes, more than the file holds)")
+            header = json.loads(file.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {error})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
+    return header, 8 + length
+
+
+def _check_entry(path, name, entry):
+    try:
+        dtype = dtypes.SAFETENSORS_CODES[entry["dtype"]]
+        shape = tuple(int(n) for n in entry["shape"])
+        begin, end = (int(n) for n in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise SafetensorsError(f"{path}: tensor {name}: unsupported or malformed entry {entry!r}") from None
+    if end - begin != dtype.itemsize * int(np.prod(shape)) or begin < 0:
+        raise SafetensorsError(f"{path}: tensor {name}: {end - begin} bytes do not hold shape {shape}")
+    return dtype, shape, (begin, end)
+
+
+def write(path, tensors, metadata=None):
+    """Write tensors (name -> host array, or any mapping that yields them one at a time) and metadata
+    (str -> str) to path, atomically. The tensors are written in the mapping's order."""
+    entries, offset = {}, 0
+    shapes = {}
+    for name in tensors:
+        dtype, shape = _dtype_and_shape(tensors, name)
+        nbytes = dtype.itemsize * int(np.prod(shape))
+        entries[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        shapes[name] = (dtype, shape)
+        offset += nbytes
+    header = json.dumps({"__metadata__": dict(metadata or {}), **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # tensors start 8-byte aligned
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(struct.pack("<Q", len(header)) + header)
+            for name in entries:
+                array = np.ascontiguousarray(tensors[name])
+                if (array.dtype, array.shape) != shapes[name]:
+                    raise ValueError(f"tensor {name} changed from {shapes[name]} while being written")
+                file.write(memoryview(array.reshape(-1).view(np.uint8)))
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _dtype_and_shape(tensors, name):
+    """A tensor's dtype and shape, without computing it when the mapping can say them (lazy tensors)."""
+    describe = getattr(tensors, "describe", None)
+    if describe is not None:
+        return describe(name)
+    array = tensors[name]
+    return dtypes.resolve(array.dtype), tuple(array.shape)
