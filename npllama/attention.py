@@ -17,9 +17,8 @@ Backward (dy given):
     dWq = s · Σ RoPE⁻¹(dq)ᵀ x,  dWk = Σ RoPE⁻¹(dk)ᵀ x,  dWv = Σ dvᵀ x
     dx = s · RoPE⁻¹(dq) Wq + RoPE⁻¹(dk) Wk + dv Wv
 How it is computed:
-  - The three projections are one product with the stacked weight [s·Wq; Wk; Wv]: RoPE is linear, so
-    s folded into Wq scales q, at the cost of a (D, D) multiply instead of a (B, T, D) one. The q and
-    k rows are in RoPE's paired order (rope.py), which leaves every q·k unchanged.
+  - The three projections are one product with the stacked weight [s·Wq; Wk; Wv] (fused_qkv_weight).
+    The q and k rows are in RoPE's paired order (rope.py), which leaves every q·k unchanged.
   - GQA costs no copy of k or v: the G query heads of one group are stacked along the time axis,
     q -> (B, K, G·T, hd), so one batched product per group serves all of them.
 """
@@ -59,28 +58,51 @@ def _merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(batch, time, heads * head_dim)
 
 
-def forward(x, wq, wk, wv, wo, rotation):
-    """x: (B, T, D); wq, wo: (D, D); wk, wv: (K·hd, D); rotation: (T, hd/2) complex RoPE table.
-    Returns y: (B, T, D)."""
+def fused_qkv_weight(wq, wk, wv, head_dim):
+    """[s·Wq; Wk; Wv]: (H·hd + 2·K·hd, D), the three projections as one product, with q and k rows in
+    RoPE's paired order (rope.py) and the score scale s = 1/√hd folded into Wq: RoPE is linear, so
+    RoPE(x (s·Wq)ᵀ) = s·RoPE(x Wqᵀ), at the cost of a (D, D) multiply instead of a (B, T, D) one."""
+    xp = backend.array_module(wq)
+    return xp.concatenate((rope.to_pairs(wq, head_dim) * head_dim ** -0.5, rope.to_pairs(wk, head_dim), wv))
+
+
+def _project(x, w_qkv, rotation, n_heads):
+    """x: (B, T, D) -> q: (B, K, G·T, hd), the G query heads of each key/value head stacked along time,
+    and k, v: (B, K, T, hd); q and k rotated by RoPE for positions given by rotation: (T, hd/2)."""
     xp = backend.array_module(x)
     batch, time, _ = x.shape
     head_dim = 2 * rotation.shape[-1]
-    n_heads, n_kv_heads = wq.shape[0] // head_dim, wk.shape[0] // head_dim
-
-    # One product for the three projections: q and k rows in RoPE's paired order (rope.py), and the
-    # score scale s folded into Wq (RoPE is linear, so RoPE(x (s·Wq)ᵀ) = s·RoPE(x Wqᵀ)).
-    w_qkv = xp.concatenate((rope.to_pairs(wq, head_dim) * head_dim ** -0.5, rope.to_pairs(wk, head_dim), wv))
+    n_kv_heads = (w_qkv.shape[0] // head_dim - n_heads) // 2
     qkv = linear.forward(x, w_qkv)[0].reshape(batch, time, n_heads + 2 * n_kv_heads, head_dim)
     qk, _ = rope.forward(qkv[:, :, :n_heads + n_kv_heads], rotation[:, None])   # positions on axis 1
-    q = qk[:, :, :n_heads].transpose(0, 2, 1, 3).reshape(batch, n_kv_heads, -1, head_dim)  # (B, K, G·T, hd)
+    q = qk[:, :, :n_heads].transpose(0, 2, 1, 3).reshape(batch, n_kv_heads, -1, head_dim)
     # k and v are copied out so the cache does not keep the whole fused buffers alive.
-    k = xp.ascontiguousarray(qk[:, :, n_heads:].transpose(0, 2, 1, 3))            # (B, K, T, hd)
-    v = xp.ascontiguousarray(qkv[:, :, n_heads + n_kv_heads:].transpose(0, 2, 1, 3))  # (B, K, T, hd)
+    k = xp.ascontiguousarray(qk[:, :, n_heads:].transpose(0, 2, 1, 3))
+    v = xp.ascontiguousarray(qkv[:, :, n_heads + n_kv_heads:].transpose(0, 2, 1, 3))
+    return q, k, v
 
-    scores = (q @ k.transpose(0, 1, 3, 2)).reshape(batch, n_kv_heads, -1, time, time)
-    scores += causal_mask(time, time, scores.dtype, xp)                  # (B, K, G, T, T)
-    probs = softmax(scores).reshape(batch, n_kv_heads, -1, time)          # (B, K, G·T, T)
-    out = _merge_heads((probs @ v).reshape(batch, n_heads, time, head_dim))
+
+def _attend(q, k, v, time):
+    """Causal attention of q: (B, K, G·T, hd), queries at the last T of the S positions of
+    k, v: (B, K, S, hd). Returns O: (B, T, H·hd), heads concatenated, and P: (B, K, G·T, S)."""
+    xp = backend.array_module(q)
+    batch, n_kv_heads, group_rows, head_dim = q.shape
+    keys = k.shape[2]
+    scores = (q @ k.transpose(0, 1, 3, 2)).reshape(batch, n_kv_heads, -1, time, keys)  # (B, K, G, T, S)
+    if time > 1:  # a single query is the newest position: no key lies in its future
+        scores += causal_mask(time, keys, scores.dtype, xp)
+    probs = softmax(scores).reshape(batch, n_kv_heads, group_rows, keys)
+    out = _merge_heads((probs @ v).reshape(batch, -1, time, head_dim))
+    return out, probs
+
+
+def forward(x, wq, wk, wv, wo, rotation):
+    """x: (B, T, D); wq, wo: (D, D); wk, wv: (K·hd, D); rotation: (T, hd/2) complex RoPE table.
+    Returns y: (B, T, D)."""
+    head_dim = 2 * rotation.shape[-1]
+    w_qkv = fused_qkv_weight(wq, wk, wv, head_dim)
+    q, k, v = _project(x, w_qkv, rotation, wq.shape[0] // head_dim)
+    out, probs = _attend(q, k, v, x.shape[1])
     y, _ = linear.forward(out, wo)
     return y, (x, q, k, v, probs, out, w_qkv, wo, rotation)
 
@@ -114,3 +136,33 @@ def backward(dy, cache):
     dwq = rope.from_pairs(dw_qkv[:q_rows] * head_dim ** -0.5, head_dim)
     dwk = rope.from_pairs(dw_qkv[q_rows:q_rows + k_rows], head_dim)
     return dx, dwq, dwk, dw_qkv[q_rows + k_rows:].copy(), dwo
+
+
+# ---- generation: attention over a KV cache (no backward needed) ---------------------------------
+class KVCache:
+    """Keys and values of the positions seen so far, for every layer, preallocated for max_len positions.
+    keys[l], values[l]: (B, K, max_len, hd); the first `length` positions are filled."""
+
+    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, xp):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.keys, self.values = xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+
+    def append(self, layer, k, v):
+        """Store k, v: (B, K, T, hd) of the next T positions; returns views of all S = length + T."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def forward_cached(x, w_qkv, wo, rotation, kv_cache, layer):
+    """Inference only: attention of the next T positions x: (B, T, D) to every position so far,
+    whose keys and values kv_cache holds (these are added to it). w_qkv: fused_qkv_weight(...);
+    rotation: (T, hd/2), the RoPE table of these T positions. Returns y: (B, T, D).
+    The caller advances kv_cache.length by T once every layer has run."""
+    q, k, v = _project(x, w_qkv, rotation, wo.shape[1] // (2 * rotation.shape[-1]))
+    keys, values = kv_cache.append(layer, k, v)
+    out, _ = _attend(q, keys, values, x.shape[1])
+    return linear.forward(out, wo)[0]

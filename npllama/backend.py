@@ -124,6 +124,19 @@ def to_host(array):
     return np.asarray(array)
 
 
+def free_memory():
+    """Bytes the active device can still allocate: free GPU memory, or the host's MemAvailable."""
+    name, module = _ensure_chosen()
+    if name == "cuda":
+        return module.cuda.Device().mem_info[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: assume the physical memory is free
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def scatter_add(target, indices, values):
     """target[indices[i]] += values[i] for every i, accumulating repeated indices (in place)."""
     module = array_module(target)
