@@ -1,0 +1,93 @@
+"""Greedy decoding speed: tokens per second of npllama's KV-cache decoder (and, with --torch, of HF
+transformers' greedy generate on the same weights and threads).
+
+    python bench/decode.py                                  # stories15M shape, 256 new tokens, CPU
+    python bench/decode.py --torch                          # and HF transformers for comparison
+    python bench/decode.py --weights weights/7b.safetensors --new-tokens 128 --device cuda
+
+Random weights (std 0.02) of a preset's shape unless --weights names a file; the prompt is
+--prompt-tokens ids drawn at random after BOS. EOS is ignored so every run makes --new-tokens tokens.
+Prints prefill and decode tok/s, the median of --repeats runs.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+import npllama  # noqa: E402
+from npllama import backend, generate  # noqa: E402
+
+
+def npllama_speeds(params, config, prompt, new_tokens, dtype):
+    tokens, stats = generate.stream(params, config, prompt, new_tokens, dtype=dtype)
+    for _ in tokens:
+        pass
+    return stats.prompt_tokens / stats.prefill_seconds, (stats.new_tokens - 1) / stats.decode_seconds
+
+
+def torch_speeds(params, config, prompt, new_tokens, threads):
+    """HF LlamaForCausalLM (eager, SDPA) greedy generate, with the same float32 weights."""
+    import torch
+    import transformers
+    torch.set_num_threads(threads)
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_dict().items() if k != "rope_scaling"},
+                                         rope_scaling=config.rope_scaling)
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+    state = {name: torch.from_numpy(np.asarray(backend.to_host(array), dtype=np.float32))
+             for name, array in params.items()}
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        started = time.perf_counter()
+        model(ids)
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0)
+        total = time.perf_counter() - started
+    made = out.shape[1] - len(prompt)
+    return len(prompt) / prefill, (made - 1) / max(total - prefill, 1e-9)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="stories15M")
+    parser.add_argument("--weights", help="a weights file or HF directory instead of random weights")
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=backend.DEVICES)
+    parser.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU)")
+    parser.add_argument("--torch", action="store_true", help="also time HF transformers' generate")
+    args = parser.parse_args()
+
+    backend.use(args.device)
+    if args.weights:
+        config, params, _ = npllama.load(args.weights)
+    else:
+        config = npllama.LlamaConfig.preset(args.preset)
+        params = npllama.init_params(config, seed=0)
+    prompt = [1] + list(np.random.default_rng(0).integers(3, config.vocab_size, args.prompt_tokens - 1))
+    threads = backend.usable_cores()
+    print(f"{args.weights or args.preset}: {npllama.config.human_count(config.num_parameters())} params, "
+          f"{backend.describe()}, {threads} cores, prompt {len(prompt)}, {args.new_tokens} new tokens")
+
+    runs = [npllama_speeds(params, config, prompt, args.new_tokens, args.dtype) for _ in range(args.repeats)]
+    print(f"npllama  prefill {statistics.median(r[0] for r in runs):8.1f} tok/s   "
+          f"decode {statistics.median(r[1] for r in runs):8.1f} tok/s   "
+          f"(decode runs: {', '.join(f'{r[1]:.1f}' for r in runs)})")
+    if args.torch:
+        runs = [torch_speeds(params, config, prompt, args.new_tokens, threads) for _ in range(args.repeats)]
+        print(f"torch    prefill {statistics.median(r[0] for r in runs):8.1f} tok/s   "
+              f"decode {statistics.median(r[1] for r in runs):8.1f} tok/s   "
+              f"(decode runs: {', '.join(f'{r[1]:.1f}' for r in runs)})")
+
+
+if __name__ == "__main__":
+    main()
