@@ -73,7 +73,9 @@ class Decoder:
 
     def __init__(self, params, config, max_len, dtype=None):
         self.params, self.config = params, config
-        self.dtype = np.dtype(dtype) if dtype is not None else _default_dtype(params[EMBEDDING])
+        self.dtype = dtypes.resolve(dtype) if dtype is not None else _default_dtype(params[EMBEDDING])
+        if self.dtype == dtypes.BFLOAT16:
+            raise GenerationError("NumPy and CuPy cannot compute in bf16; compute in fp32 (bf16 weights are widened)")
         xp = backend.xp()
         self.rotation = rope.tables(config, np.arange(max_len), self.dtype, xp)
         self.cache = attention.KVCache(config.num_hidden_layers, 1, config.num_key_value_heads, max_len,
@@ -141,11 +143,14 @@ class GenerationStats:
 
     def summary(self):
         """One line: tokens and speeds."""
-        prefill = self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else float("nan")
         steps = self.new_tokens - 1  # the first new token comes from the prefill's logits
-        decode = steps / self.decode_seconds if steps > 0 and self.decode_seconds else float("nan")
         return (f"prompt {self.prompt_tokens} tokens, {self.new_tokens} new ({self.stop_reason}); "
-                f"prefill {prefill:.1f} tok/s, decode {decode:.1f} tok/s")
+                f"prefill {_rate(self.prompt_tokens, self.prefill_seconds)}, "
+                f"decode {_rate(steps, self.decode_seconds)}")
+
+
+def _rate(tokens, seconds):
+    return f"{tokens / seconds:.4g} tok/s" if tokens > 0 and seconds > 0 else "n/a"
 
 
 def stream(params, config, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,

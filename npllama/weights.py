@@ -29,7 +29,7 @@ import struct
 import numpy as np
 
 from . import backend, dtypes, rope, safetensors_file, tokenizer as tokenizers, torch_pickle
-from .config import ConfigError, LlamaConfig
+from .config import ConfigError, LlamaConfig, human_count
 from .model import EMBEDDING, FINAL_NORM, LM_HEAD, block_param_name, parameter_shapes
 
 FORMAT_VERSION = "1"
@@ -184,7 +184,7 @@ def _check(path, config, params, tokenizer):
 def describe(config, params, tokenizer, path=None):
     """A short multi-line summary: parameters, shape, dtype, size on disk, tokenizer."""
     stored = sorted({dtypes.name(_dtype_and_shape(params, name)[0]) for name in params})
-    lines = [f"parameters  {config.num_parameters():,} ({_human(config.num_parameters())})",
+    lines = [f"parameters  {config.num_parameters():,} ({human_count(config.num_parameters())})",
              f"layers      {config.num_hidden_layers}, hidden {config.hidden_size}, "
              f"intermediate {config.intermediate_size}, context {config.max_position_embeddings}",
              f"heads       {config.num_attention_heads} query, {config.num_key_value_heads} key/value "
@@ -193,13 +193,16 @@ def describe(config, params, tokenizer, path=None):
              f"dtype       {', '.join(stored)}",
              f"tokenizer   {tokenizer.describe() if tokenizer else 'none (generate takes token ids)'}"]
     if path is not None:
-        lines.append(f"on disk     {os.path.getsize(path) / 2 ** 30:.2f} GiB ({path})")
+        lines.append(f"on disk     {_human_bytes(os.path.getsize(path))} ({path})")
     return "\n".join(lines)
 
 
-def _human(count):
-    from .config import human_count
-    return human_count(count)
+def _human_bytes(size):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.4g} {unit}"
+        size /= 1024
+    return f"{size:.4g} TiB"
 
 
 # ---- HF checkpoint directory -------------------------------------------------------------------------

@@ -1,0 +1,72 @@
+"""Peak memory and speed of generating with a Llama-2-7B-shaped float16 weights file on the CPU.
+
+    python bench/memory_7b.py                      # writes weights/llama2-7b-random-fp16.safetensors once
+    python bench/memory_7b.py --new-tokens 8
+
+Makes (once) a 13.5 GB npllama weights file of the llama2-7b preset's shape with random float16
+weights (std 0.02; windows of one random pool, so writing it takes a minute, not ten), with the Llama 2
+tokenizer from ../shared/data embedded when it is there; then runs
+    /usr/bin/time -v python cli.py generate --weights FILE --prompt ... -n N --device cpu
+and prints its summary line, the peak resident set size and the wall time. The file is git-ignored:
+never commit it. Delete it when done (it is 13.5 GB).
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from npllama import LlamaConfig, tokenizer as tokenizers, weights  # noqa: E402
+from npllama.model import parameter_shapes  # noqa: E402
+
+TOKENIZER = os.path.join(ROOT, "..", "shared", "data", "llama2-tokenizer.model")
+
+
+def random_weights(config, seed=0):
+    """LazyTensors of random float16 weights: each tensor is a window of one 64M-value random pool."""
+    rng = np.random.default_rng(seed)
+    pool = (rng.standard_normal(64 << 20, dtype=np.float32) * 0.02).astype(np.float16)
+    params = weights.LazyTensors()
+    for name, shape in parameter_shapes(config).items():
+        size = int(np.prod(shape))
+        if name.endswith("norm.weight"):
+            params.add(name, np.float16, shape, lambda shape=shape: np.ones(shape, np.float16))
+            continue
+        start = int(rng.integers(0, pool.size - size)) if size < pool.size else 0
+        params.add(name, np.float16, shape, lambda shape=shape, start=start, size=size:
+                   np.resize(pool[start:start + size], size).reshape(shape))
+    return params
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=os.path.join(ROOT, "weights", "llama2-7b-random-fp16.safetensors"))
+    parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--new-tokens", type=int, default=4)
+    args = parser.parse_args()
+
+    config = LlamaConfig.preset("llama2-7b")
+    if not os.path.exists(args.weights):
+        tokenizer = tokenizers.load(TOKENIZER) if os.path.exists(TOKENIZER) else None
+        print(f"writing {args.weights} ({config.num_parameters() * 2 / 1e9:.1f} GB) ...", flush=True)
+        weights.save(args.weights, config, random_weights(config), tokenizer)
+    command = ["/usr/bin/time", "-v", sys.executable, os.path.join(ROOT, "cli.py"), "generate",
+               "--weights", args.weights, "--prompt", args.prompt, "-n", str(args.new_tokens), "--device", "cpu"]
+    print(" ".join(command), flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    print(result.stdout.strip())
+    report = result.stderr
+    summary = [line for line in report.splitlines() if line.startswith("prompt ")]
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", report).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", report).group(1)
+    print(summary[0] if summary else report)
+    print(f"peak RSS {peak_kb / 2 ** 20:.2f} GiB, wall {wall}, exit status {result.returncode}")
+
+
+if __name__ == "__main__":
+    main()
