@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from npllama import backend, generate as generation, tokenizer as tokenizers, weights
+from npllama import backend, generation, tokenizer as tokenizers, weights
 from npllama.config import PRESETS, ConfigError, LlamaConfig, human_count
 from npllama.safetensors_file import SafetensorsError
 

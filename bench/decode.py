@@ -20,11 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import npllama  # noqa: E402
-from npllama import backend, generate  # noqa: E402
+from npllama import backend, generation  # noqa: E402
 
 
 def npllama_speeds(params, config, prompt, new_tokens, dtype):
-    tokens, stats = generate.stream(params, config, prompt, new_tokens, dtype=dtype)
+    tokens, stats = generation.stream(params, config, prompt, new_tokens, dtype=dtype)
     for _ in tokens:
         pass
     return stats.prompt_tokens / stats.prefill_seconds, (stats.new_tokens - 1) / stats.decode_seconds

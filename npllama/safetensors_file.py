@@ -77,7 +77,7 @@ def write(path, tensors, metadata=None):
     entries, offset = {}, 0
     shapes = {}
     for name in tensors:
-        dtype, shape = _dtype_and_shape(tensors, name)
+        dtype, shape = dtype_and_shape(tensors, name)
         nbytes = dtype.itemsize * int(np.prod(shape))
         entries[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         shapes[name] = (dtype, shape)
@@ -103,8 +103,8 @@ def write(path, tensors, metadata=None):
         raise
 
 
-def _dtype_and_shape(tensors, name):
-    """A tensor's dtype and shape, without computing it when the mapping can say them (lazy tensors)."""
+def dtype_and_shape(tensors, name):
+    """A tensor's dtype and shape, without making it when the mapping can tell (a `describe` method)."""
     describe = getattr(tensors, "describe", None)
     if describe is not None:
         return describe(name)

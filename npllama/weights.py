@@ -64,17 +64,11 @@ class LazyTensors(collections.abc.Mapping):
         return len(self._entries)
 
 
-def _dtype_and_shape(params, name):
-    if isinstance(params, LazyTensors):
-        return params.describe(name)
-    return dtypes.resolve(params[name].dtype), tuple(params[name].shape)
-
-
 def converted(params, dtype):
     """params with every tensor in `dtype` (a name such as 'fp16' or a dtype), converted when read."""
     out = LazyTensors()
     for name in params:
-        _, shape = _dtype_and_shape(params, name)
+        _, shape = safetensors_file.dtype_and_shape(params, name)
         out.add(name, dtype, shape, lambda name=name: dtypes.convert(backend.to_host(params[name]), dtype))
     return out
 
@@ -87,7 +81,7 @@ def save(path, config, params, tokenizer=None, dtype=None):
                            f"vocab_size is {config.vocab_size}")
     tensors = LazyTensors()
     for name in parameter_shapes(config):
-        stored, shape = _dtype_and_shape(params, name)
+        stored, shape = safetensors_file.dtype_and_shape(params, name)
         tensors.add(name, dtype or stored, shape,
                     lambda name=name: dtypes.convert(backend.to_host(params[name]), dtype or stored))
     metadata = {"format": "pt", VERSION_KEY: FORMAT_VERSION, CONFIG_KEY: json.dumps(config.to_dict())}
@@ -171,7 +165,7 @@ def _check(path, config, params, tokenizer):
         if name not in params:
             raise WeightsError(f"{path}: missing tensor {name} (the config has {config.num_hidden_layers} "
                                f"layers, {'tied' if config.tie_word_embeddings else 'untied'} embeddings)")
-        dtype, found = _dtype_and_shape(params, name)
+        dtype, found = safetensors_file.dtype_and_shape(params, name)
         if found != shape:
             raise WeightsError(f"{path}: tensor {name} has shape {found}, the config says {shape}")
         if dtype != dtypes.BFLOAT16 and dtype.kind != "f":
@@ -183,7 +177,7 @@ def _check(path, config, params, tokenizer):
 
 def describe(config, params, tokenizer, path=None):
     """A short multi-line summary: parameters, shape, dtype, size on disk, tokenizer."""
-    stored = sorted({dtypes.name(_dtype_and_shape(params, name)[0]) for name in params})
+    stored = sorted({dtypes.name(safetensors_file.dtype_and_shape(params, name)[0]) for name in params})
     lines = [f"parameters  {config.num_parameters():,} ({human_count(config.num_parameters())})",
              f"layers      {config.num_hidden_layers}, hidden {config.hidden_size}, "
              f"intermediate {config.intermediate_size}, context {config.max_position_embeddings}",
@@ -240,12 +234,13 @@ def export_hf(directory, config, params, tokenizer=None):
     """Write an HF transformers checkpoint directory (config.json, model.safetensors, tokenizer.model
     for a SentencePiece tokenizer) that LlamaForCausalLM.from_pretrained loads."""
     os.makedirs(directory, exist_ok=True)
-    stored = {dtypes.name(_dtype_and_shape(params, name)[0]) for name in params}
+    stored = {dtypes.name(safetensors_file.dtype_and_shape(params, name)[0]) for name in params}
     torch_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
     hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
                  "torch_dtype": torch_dtype[stored.pop()] if len(stored) == 1 else "float32",
                  **config.to_dict()}
-    hf_config.pop("rope_scaling") if hf_config.get("rope_scaling") is None else None
+    if hf_config.get("rope_scaling") is None:
+        del hf_config["rope_scaling"]
     if tokenizer is not None and tokenizer.bos_id is not None:
         hf_config.setdefault("bos_token_id", tokenizer.bos_id)
         hf_config.setdefault("eos_token_id", tokenizer.eos_id)

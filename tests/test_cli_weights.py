@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from cli import main
 from npllama import backend, dtypes, safetensors_file, weights
-from npllama.generate import generate
+from npllama.generation import generate
 from npllama.tokenizer import SentencePieceTokenizer
 from tests.conftest import ROOT
 

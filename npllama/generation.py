@@ -8,7 +8,7 @@ Decoding one sequence:
                                                 and to the smallest set whose probability ≥ top-p
               logits = Model(token | cache)     one position: its q, k, v against the cached k, v
 The cache makes each step cost O(one position) instead of re-running the whole sequence; the logits
-are the same as a full forward's (tests/test_generate.py checks it).
+are the same as a full forward's (tests/test_generation.py checks it).
 
 Weights are read in the dtype they are stored in and computed in `dtype` (float32 on the CPU: NumPy
 has no fast float16 matrix product and no bfloat16). When the computed copies fit in half the free
