@@ -139,14 +139,8 @@ def forward(params, config, tokens):
     return linear.forward(h, head_weight(params, config))[0]
 
 
-def loss_and_grads(params, config, tokens, targets):
-    """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T),
-    and its gradient for every parameter. Returns (loss: float, grads: dict like params).
-
-    On the CPU the batch is split into one shard per core, computed at the same time (shards.py). The
-    loss is a mean over valid targets, so each shard's loss and gradient count by its share of them."""
-    xp = backend.array_module(params[EMBEDDING])
-    tokens, targets = _check_tokens(tokens, config, xp), xp.asarray(targets)
+def _check_targets(targets, tokens, config, xp):
+    targets = xp.asarray(targets)
     if targets.shape != tokens.shape:
         raise ValueError(f"targets shape {targets.shape} differs from tokens shape {tokens.shape}")
     if targets.dtype.kind not in "iu":
@@ -156,6 +150,28 @@ def loss_and_grads(params, config, tokens, targets):
         raise ValueError(f"targets must lie in [0, {config.vocab_size}) or be {lm_head.IGNORE_INDEX}")
     if not bool(valid.any()):
         raise ValueError(f"every target is the ignore index ({lm_head.IGNORE_INDEX}): the loss is undefined")
+    return targets, valid
+
+
+def loss(params, config, tokens, targets):
+    """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T), without
+    gradients (evaluation). Returns a float."""
+    xp = backend.array_module(params[EMBEDDING])
+    tokens = _check_tokens(tokens, config, xp)
+    targets, _ = _check_targets(targets, tokens, config, xp)
+    h = _run_stack(params, config, tokens, keep_caches=False)[0]
+    return float(lm_head.forward(h, head_weight(params, config), targets)[0])
+
+
+def loss_and_grads(params, config, tokens, targets):
+    """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T),
+    and its gradient for every parameter. Returns (loss: float, grads: dict like params).
+
+    On the CPU the batch is split into one shard per core, computed at the same time (shards.py). The
+    loss is a mean over valid targets, so each shard's loss and gradient count by its share of them."""
+    xp = backend.array_module(params[EMBEDDING])
+    tokens = _check_tokens(tokens, config, xp)
+    targets, valid = _check_targets(targets, tokens, config, xp)
 
     workers = backend.cpu_workers() if xp is np else 1
     split = np.array_split(np.arange(tokens.shape[0]), min(workers, tokens.shape[0]))
