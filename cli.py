@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """npllama's command line: parses flags, calls the library, prints. No math lives here."""
+import dataclasses
+import hashlib
+import math
 import os
+import signal
 import sys
 
 import click
 
-from npllama import backend, generation, tokenizer as tokenizers, weights
+from npllama import backend, data, generation, init_params, tokenizer as tokenizers, train as training, weights
 from npllama.config import PRESETS, ConfigError, LlamaConfig, human_count
 from npllama.safetensors_file import SafetensorsError
 
 # Errors that mean bad input: printed as one line ("Error: ..."), exit status 1, no traceback.
 USER_ERRORS = (weights.WeightsError, generation.GenerationError, tokenizers.TokenizerError,
-               backend.BackendError, ConfigError, SafetensorsError)
+               backend.BackendError, ConfigError, SafetensorsError, data.DataError, training.TrainError)
 
 
 class _Commands(click.Group):
@@ -154,6 +158,190 @@ def _print_ids(prompt_ids, tokens):
         click.echo(f" {token}", nl=False)
         sys.stdout.flush()
     click.echo()
+
+
+
+# ---- training -------------------------------------------------------------------------------------
+DEFAULT_SHAPE = "shakespeare-char"  # nanoGPT's CPU recipe as a Llama; the vocabulary comes from the data
+MODEL_FLAGS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+               "n_kv_heads": "num_key_value_heads", "hidden": "intermediate_size",
+               "context": "max_position_embeddings", "tied": "tie_word_embeddings"}
+TRAIN_FLAGS = [field.name for field in dataclasses.fields(training.TrainSettings) if field.name != "decay_iters"]
+
+
+def _given(ctx, name):
+    return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+
+
+@main.command("train")
+@click.option("--data", "data_path", help="A UTF-8 text file. Default: the built-in corpus, "
+              "npllama/corpus/shakespeare-sample.txt (about 100 KB of Shakespeare, no download).")
+@click.option("--out", help="The run directory (checkpoints, log.csv, curves.png). Default: runs/DATA-NAME.")
+@click.option("--tokenizer", "tokenizer_spec", help="char (default for a new model), bpe:N (train a SentencePiece "
+              "BPE of N pieces on the data) or PATH.model. With --init, the model's own.")
+@click.option("--init", "init_path", help="Start from these weights (a weights file or HF directory): continued "
+              "pre-training or fine-tuning with the model's tokenizer.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
+@click.option("--force", is_flag=True, help="Start a new run in --out even if one is there (overwrites it).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help=f"Model shape (default {DEFAULT_SHAPE}'s, "
+              "with the vocabulary of the tokenizer).")
+@click.option("--dim", type=click.IntRange(min=2), help="Hidden size.")
+@click.option("--n-layers", type=click.IntRange(min=1))
+@click.option("--n-heads", type=click.IntRange(min=1))
+@click.option("--n-kv-heads", type=click.IntRange(min=1), help="Key/value heads (GQA); default --n-heads.")
+@click.option("--hidden", type=click.IntRange(min=1), help="SwiGLU intermediate size.")
+@click.option("--context", type=click.IntRange(min=1), help="Context length (tokens per training window).")
+@click.option("--tied/--untied", default=None, help="Share the embedding with the output head.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batches per optimizer step.")
+@click.option("--max-iters", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--min-lr", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
+@click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True)
+@click.option("--grad-clip", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 disables.")
+@click.option("--eval-interval", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--eval-iters", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="The last part of the data kept for validation.")
+@click.option("--seed", type=int, default=1337, show_default=True)
+@click.option("--sample-tokens", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Tokens generated at each evaluation.")
+@click.option("--device", type=click.Choice(backend.DEVICES), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
+              help="Parameters and optimizer state.")
+@click.pass_context
+def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force, preset, **flags):
+    """Train a Llama on a text file: checkpoints, log.csv and curves.png in the run directory."""
+    backend.use(flags.pop("device"))
+    model_flags = {name: flags.pop(name) for name in MODEL_FLAGS}
+    settings = training.TrainSettings(**{name: flags[name] for name in TRAIN_FLAGS})
+    data_path = data_path or data.BUILTIN_CORPUS
+    out = out or os.path.join("runs", os.path.splitext(os.path.basename(data_path))[0])
+    if resume:
+        run = _resume(ctx, out, data_path if _given(ctx, "data_path") else None, settings)
+    else:
+        if (preset or any(v is not None for v in model_flags.values())) and init_path:
+            raise click.ClickException("--init takes the model's own shape: drop --preset and the model flags")
+        if os.path.exists(os.path.join(out, training.MODEL_FILE)) and not force:
+            raise click.ClickException(f"{out} already holds a training run; pass --resume to continue it, "
+                                       "or --force to start over")
+        run = _start(out, data_path, tokenizer_spec, init_path, preset, model_flags, settings)
+    click.echo(f"{out}: {human_count(run.config.num_parameters())} parameters, {run.tokenizer.describe()}, "
+               f"{len(run.train_ids):,} training and {len(run.val_ids):,} validation tokens; "
+               f"step {run.step} of {run.settings.max_iters}; {backend.describe()}")
+    _train_with_progress(run, out)
+
+
+def _read_data(data_path, tokenizer, out, tokenizer_name="the tokenizer"):
+    text = data.read_text(data_path)
+    data.check_coverage(tokenizer, text, tokenizer_name, data_path)
+    info = {"path": os.path.abspath(data_path), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return data.token_ids(text, tokenizer, out), info
+
+
+def _start(out, data_path, tokenizer_spec, init_path, preset, model_flags, settings):
+    os.makedirs(out, exist_ok=True)
+    text = data.read_text(data_path)
+    if init_path:
+        config, params, tokenizer = weights.load(init_path)
+        if tokenizer is None:
+            raise click.ClickException(f"{init_path} has no tokenizer to read the data with")
+        if tokenizer_spec:
+            raise click.ClickException("--init trains with the model's own tokenizer: drop --tokenizer")
+    else:
+        tokenizer = data.make_tokenizer(tokenizer_spec or "char", text, out)
+        fields = LlamaConfig.preset(preset or DEFAULT_SHAPE).to_dict()
+        fields.update({MODEL_FLAGS[name]: value for name, value in model_flags.items() if value is not None})
+        if model_flags["n_heads"] is not None and model_flags["n_kv_heads"] is None:
+            fields["num_key_value_heads"] = model_flags["n_heads"]
+        config = LlamaConfig.from_dict({**fields, "vocab_size": tokenizer.vocab_size})
+        params = init_params(config, seed=settings.seed)
+    ids, info = _read_data(data_path, tokenizer, out, f"the tokenizer of {init_path}" if init_path else "the tokenizer")
+    return training.TrainingRun(out, config, training.trainable(params, settings.dtype), tokenizer, settings,
+                                ids, info)
+
+
+RESUME_ADJUSTABLE = ("max_iters", "eval_interval", "eval_iters", "sample_tokens")  # no effect on the updates
+
+
+def _resume(ctx, out, data_path, settings):
+    fixed = [name for name in TRAIN_FLAGS + list(MODEL_FLAGS) + ["tokenizer_spec", "init_path", "preset", "force"]
+             if name not in RESUME_ADJUSTABLE and _given(ctx, name)]
+    if fixed:
+        flag = "--" + fixed[0].replace("_spec", "").replace("_path", "").replace("_", "-")
+        raise click.ClickException(f"--resume continues with the run's own settings; {flag} cannot change "
+                                   f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_ADJUSTABLE)} can)")
+    config, params, tokenizer, optimizer, state = training.load_checkpoint(out)
+    saved = training.TrainSettings(**state["settings"])
+    for name in RESUME_ADJUSTABLE:  # e.g. train longer: the cosine still ends at the saved decay_iters
+        if _given(ctx, name):
+            setattr(saved, name, getattr(settings, name))
+    ids, info = _read_data(data_path or state["data"]["path"], tokenizer, out)
+    if info["sha256"] != state["data"]["sha256"]:
+        raise click.ClickException(f"{info['path']} is not the text this run was trained on (its contents differ)")
+    return training.TrainingRun(out, config, params, tokenizer, saved, ids, info, optimizer, state["step"],
+                                state["rng_state"])
+
+
+def _train_with_progress(run, out):
+    """The loop with a progress bar; Ctrl-C saves a checkpoint and exits cleanly (twice: at once)."""
+    interrupted = []
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops without waiting
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+
+    def show(report):
+        return "" if report is None else \
+            f"loss {report.loss:.4f}  lr {report.lr:.2e}  {report.tokens_per_second:,.0f} tok/s"
+
+    def on_eval(step, means, sample):
+        val = "n/a" if means["val"] is None else f"{means['val']:.4f}"
+        click.echo(f"\nstep {step}: train loss {means['train']:.4f}, val loss {val}")
+        if sample:
+            click.echo("  " + sample.strip().replace("\n", "\n  "))
+
+    try:
+        with click.progressbar(length=run.settings.max_iters - run.step, label="training", file=sys.stderr,
+                               item_show_func=show, show_eta=True) as bar:
+            outcome = training.run(run, should_stop=lambda: bool(interrupted),
+                                   on_step=lambda report: bar.update(1, report), on_eval=on_eval)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if outcome == "interrupted":
+        click.echo(f"interrupted at step {run.step}: checkpoint saved; continue with "
+                   f"`python cli.py train --out {out} --resume`", err=True)
+        sys.exit(130)
+    curves = training.plot_curves(out)
+    click.echo(f"done: step {run.step}; wrote {os.path.join(out, training.MODEL_FILE)} and "
+               f"{os.path.join(out, training.LOG_FILE)}")
+    click.echo(f"wrote {curves}" if curves else "matplotlib is not installed: no curves.png "
+               "(pip install matplotlib); the losses are in log.csv")
+
+
+@main.command("eval")
+@click.option("--weights", "weights_path", required=True, help="A weights file or HF checkpoint directory.")
+@click.option("--data", "data_path", required=True, help="A UTF-8 text file.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", type=click.Choice(backend.DEVICES), default="auto", show_default=True)
+def eval_command(weights_path, data_path, batch_size, device):
+    """Mean loss and perplexity of a model over a whole text file (with the model's tokenizer)."""
+    backend.use(device)
+    config, params, tokenizer = weights.load(weights_path)
+    if tokenizer is None:
+        raise click.ClickException(f"{weights_path} has no tokenizer to read the text with")
+    text = data.read_text(data_path)
+    data.check_coverage(tokenizer, text, f"the tokenizer of {weights_path}", data_path)
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise click.ClickException(f"{data_path} holds {len(ids)} token(s): nothing to predict")
+    mean, count = training.evaluate_ids(training.trainable(params), config, ids, batch_size)
+    click.echo(f"loss {mean:.4f} nats/token, perplexity {math.exp(mean):.3f}, over {count:,} tokens")
 
 
 if __name__ == "__main__":

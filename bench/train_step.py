@@ -1,4 +1,5 @@
-"""Time one training step's forward + backward (npllama) and, with --torch, HF transformers' the same.
+"""Time one training step (forward + backward, and the full step with clipping and AdamW) of npllama
+and, with --torch, of HF transformers.
 
     python bench/train_step.py                                   # nanoGPT's CPU recipe as a Llama
     python bench/train_step.py --preset stories15M --batch-size 8 --seq-len 256
@@ -7,6 +8,7 @@
 Prints the median ms per step and tokens/s over --steps timed steps (after --warmup). torch (only for
 the comparison; never an npllama dependency) runs with the same thread count (--threads, default
 all cores) and is timed for forward + backward, and for the full step with torch.optim.AdamW.
+npllama's full step also clips the gradient norm (as `cli.py train` does); torch's does not.
 """
 import argparse
 import os
@@ -18,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import npllama  # noqa: E402
-from npllama import backend  # noqa: E402
+from npllama import adamw, backend  # noqa: E402
 
 
 def median_ms(step, steps, warmup, sync=lambda: None):
@@ -40,10 +42,19 @@ def report(label, ms, tokens):
 
 def bench_npllama(config, tokens_in, targets, args):
     params = npllama.init_params(config, seed=0)
+    optimizer = npllama.AdamW(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
     sync = (lambda: backend.xp().cuda.Device().synchronize()) if backend.device() == "cuda" else (lambda: None)
+
+    def full_step():
+        _, grads = npllama.loss_and_grads(params, config, tokens_in, targets)
+        adamw.clip_grad_norm(grads, 1.0)
+        optimizer.step(params, grads)
+
     ms = median_ms(lambda: npllama.loss_and_grads(params, config, tokens_in, targets), args.steps,
                    args.warmup, sync)
     report(f"npllama forward+backward ({backend.device()})", ms, tokens_in.size)
+    report(f"npllama forward+backward+clip+AdamW ({backend.device()})",
+           median_ms(full_step, args.steps, args.warmup, sync), tokens_in.size)
 
 
 def bench_torch(config, tokens_in, targets, args):

@@ -74,8 +74,9 @@ def converted(params, dtype):
 
 
 # ---- the npllama weights file ----------------------------------------------------------------------
-def save(path, config, params, tokenizer=None, dtype=None):
-    """Write the npllama weights file atomically; dtype (e.g. 'fp16') converts tensors, else kept."""
+def save(path, config, params, tokenizer=None, dtype=None, metadata=None):
+    """Write the npllama weights file atomically; dtype (e.g. 'fp16') converts tensors, else kept.
+    metadata (str -> str) is stored beside the config (training writes its step there)."""
     if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
         raise WeightsError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                            f"vocab_size is {config.vocab_size}")
@@ -84,7 +85,8 @@ def save(path, config, params, tokenizer=None, dtype=None):
         stored, shape = safetensors_file.dtype_and_shape(params, name)
         tensors.add(name, dtype or stored, shape,
                     lambda name=name: dtypes.convert(backend.to_host(params[name]), dtype or stored))
-    metadata = {"format": "pt", VERSION_KEY: FORMAT_VERSION, CONFIG_KEY: json.dumps(config.to_dict())}
+    metadata = {**(metadata or {}), "format": "pt", VERSION_KEY: FORMAT_VERSION,
+                CONFIG_KEY: json.dumps(config.to_dict())}
     if tokenizer is not None:
         metadata[TOKENIZER_KEY] = tokenizers.to_metadata(tokenizer)
     safetensors_file.write(path, tensors, metadata)

@@ -1,0 +1,301 @@
+"""Training on a token stream: the optimizer step, evaluation, checkpoints and logs.
+
+One step (nanoGPT's recipe, with the Llama model of model.py):
+    lr_t = learning_rate(t)                      linear warmup, then cosine decay to min_lr (adamw.py)
+    g    = (1/A) Σ_a ∇ loss(batch_a)             A = grad_accum micro-batches of batch_size windows
+    g   ← g · min(1, clip / ‖g‖)                 global-norm clipping
+    θ   ← AdamW(θ, g, lr_t)
+Batches are random windows of the training split, drawn from one seeded generator whose state is
+saved with each checkpoint. A resumed run draws the same batches at the same learning rates from the
+same parameters and moments, so on the CPU its losses equal the uninterrupted run's bit for bit.
+
+A run directory holds:
+    model.safetensors       the npllama weights file (`generate --weights` reads it)
+    optimizer.safetensors   AdamW's moments; metadata: step, data-order RNG state, settings, data
+    log.csv                 a row per step; evaluation rows add the mean train and validation loss
+    curves.png              train and validation loss, when matplotlib is installed
+    tokens-*.u16|u32        the tokenized data, reused by the next run (data.py)
+Each checkpoint file is written atomically and records its step; resuming refuses two that disagree.
+"""
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from . import adamw, backend, data, dtypes, generation, safetensors_file, weights
+from .model import loss, loss_and_grads
+
+MODEL_FILE, OPTIMIZER_FILE, LOG_FILE, CURVES_FILE = "model.safetensors", "optimizer.safetensors", "log.csv", "curves.png"
+STEP_KEY, TRAIN_KEY = "npllama.train_step", "npllama.train"
+LOG_FIELDS = ["step", "lr", "loss", "grad_norm", "tokens_per_second", "elapsed_seconds", "train_loss", "val_loss"]
+
+
+class TrainError(ValueError):
+    """Training cannot start or go on (message is one line, fit for the user)."""
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_iters: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    decay_iters: int = None  # where the cosine reaches min_lr; None: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 200
+    val_fraction: float = 0.1
+    seed: int = 1337
+    sample_tokens: int = 200
+    dtype: str = "fp32"
+
+    def __post_init__(self):
+        if self.decay_iters is None:
+            self.decay_iters = self.max_iters
+        self.validate()
+
+    def validate(self):
+        positive = ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup", "sample_tokens", "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise TrainError(f"--lr must be positive, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TrainError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 1:
+            raise TrainError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+
+
+@dataclasses.dataclass
+class StepReport:
+    step: int
+    lr: float
+    loss: float
+    grad_norm: float
+    tokens_per_second: float
+    elapsed_seconds: float
+
+
+def trainable(params, dtype="fp32"):
+    """Writable copies of params on the active device, in the master dtype (bf16/fp16 widened)."""
+    master = np.dtype(dtypes.resolve(dtype))
+    return {name: backend.to_device(np.array(dtypes.compute_array(np.asarray(backend.to_host(value)), master)))
+            for name, value in params.items()}
+
+
+def accumulated_loss_and_grads(params, config, micro_batches):
+    """The mean loss and gradient over equally sized micro-batches [(tokens, targets), ...]:
+    g = (1/A) Σ_a ∇ loss_a, which equals the gradient of the whole batch when every target counts."""
+    total_loss, total = 0.0, None
+    for tokens, targets in micro_batches:
+        micro_loss, grads = loss_and_grads(params, config, tokens, targets)
+        total_loss += micro_loss / len(micro_batches)
+        if total is None:
+            total = {name: grad / len(micro_batches) for name, grad in grads.items()}
+        else:
+            for name, grad in grads.items():
+                total[name] += grad / len(micro_batches)
+    return total_loss, total
+
+
+class TrainingRun:
+    """One run: model, tokenizer, optimizer, data order and step, saved and restored as a whole."""
+
+    def __init__(self, directory, config, params, tokenizer, settings, ids, data_info,
+                 optimizer=None, step=0, rng_state=None):
+        self.directory, self.config, self.params, self.tokenizer = directory, config, params, tokenizer
+        self.settings, self.data_info = settings, data_info
+        os.makedirs(directory, exist_ok=True)
+        self.train_ids, self.val_ids = data.split(ids, settings.val_fraction)
+        try:
+            data.check_long_enough(self.train_ids, self.val_ids, config.max_position_embeddings)
+        except data.DataError as error:
+            raise TrainError(str(error)) from None
+        self.optimizer = optimizer or adamw.AdamW(settings.lr, (settings.beta1, settings.beta2),
+                                                  weight_decay=settings.weight_decay)
+        self.step = step
+        self.rng = np.random.default_rng(settings.seed)
+        if rng_state is not None:
+            self.rng.bit_generator.state = rng_state
+        self.started = time.perf_counter()
+
+    @property
+    def context(self):
+        return self.config.max_position_embeddings
+
+    # ---- one optimizer step -----------------------------------------------------------------------
+    def train_step(self):
+        """Draw grad_accum batches, compute the gradient, clip, update. Returns a StepReport; the
+        parameters are not updated when the loss or the gradient is not finite."""
+        s = self.settings
+        started = time.perf_counter()
+        lr = adamw.learning_rate(self.step, s.lr, s.min_lr, s.warmup, s.decay_iters)
+        batches = [data.random_batch(self.train_ids, s.batch_size, self.context, self.rng)
+                   for _ in range(s.grad_accum)]
+        step_loss, grads = accumulated_loss_and_grads(self.params, self.config, batches)
+        norm = adamw.clip_grad_norm(grads, s.grad_clip or None)
+        if math.isfinite(step_loss) and math.isfinite(norm):
+            self.optimizer.step(self.params, grads, lr=lr)
+            self.step += 1
+        seconds = time.perf_counter() - started
+        tokens = s.batch_size * s.grad_accum * self.context
+        return StepReport(self.step, lr, step_loss, norm, tokens / seconds, time.perf_counter() - self.started)
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def evaluate(self):
+        """Mean loss over eval_iters random batches of each split, from a generator seeded by the
+        step (so evaluating never changes the training batches). {'train': loss, 'val': loss or None}"""
+        rng = np.random.default_rng([self.settings.seed, self.step])
+        means = {}
+        for split, ids in (("train", self.train_ids), ("val", self.val_ids)):
+            if len(ids) == 0:
+                means[split] = None
+                continue
+            losses = [loss(self.params, self.config, *data.random_batch(ids, self.settings.batch_size,
+                                                                         self.context, rng))
+                      for _ in range(self.settings.eval_iters)]
+            means[split] = float(np.mean(losses))
+        return means
+
+    def sample(self):
+        """A short seeded continuation (temperature 0.8, top-k 200) from the start of a text."""
+        if self.settings.sample_tokens == 0:
+            return ""
+        start = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else self.tokenizer.encode("\n")[:1] or [0]
+        new = generation.generate(self.params, self.config, start, self.settings.sample_tokens, temperature=0.8,
+                                  top_k=200, seed=self.settings.seed + self.step, eos_id=self.tokenizer.eos_id)
+        return self.tokenizer.decode(start + new)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def save(self):
+        """Write the optimizer state, then the model; both record the step (written atomically)."""
+        state = self.optimizer.state_dict()
+        tensors = {f"{kind}/{name}": backend.to_host(state[kind][name]) for kind in ("m", "v") for name in state[kind]}
+        train_state = {"step": self.step, "rng_state": self.rng.bit_generator.state,
+                       "settings": dataclasses.asdict(self.settings), "data": self.data_info,
+                       "optimizer": {key: state[key] for key in state if key not in ("m", "v")}}
+        safetensors_file.write(os.path.join(self.directory, OPTIMIZER_FILE), tensors,
+                               {TRAIN_KEY: json.dumps(train_state)})
+        weights.save(os.path.join(self.directory, MODEL_FILE), self.config, self.params, self.tokenizer,
+                     metadata={STEP_KEY: str(self.step)})
+
+
+def load_checkpoint(directory):
+    """(config, params, tokenizer, optimizer, train_state) of a run directory's last checkpoint."""
+    model_path, optimizer_path = (os.path.join(directory, name) for name in (MODEL_FILE, OPTIMIZER_FILE))
+    for path in (model_path, optimizer_path):
+        if not os.path.isfile(path):
+            raise TrainError(f"--resume: {directory} has no checkpoint ({os.path.basename(path)} is missing)")
+    config, params, tokenizer = weights.load(model_path)
+    model_step = int(safetensors_file.read(model_path)[0].get(STEP_KEY, -1))
+    metadata, tensors = safetensors_file.read(optimizer_path)
+    train_state = json.loads(metadata[TRAIN_KEY])
+    if model_step != train_state["step"]:
+        raise TrainError(f"{directory}: the model is at step {model_step} but the optimizer at step "
+                         f"{train_state['step']} (a checkpoint was interrupted); cannot resume exactly")
+    settings = TrainSettings(**train_state["settings"])
+    params = trainable(params, settings.dtype)
+    optimizer = adamw.AdamW(settings.lr, (settings.beta1, settings.beta2), weight_decay=settings.weight_decay)
+    optimizer.load_state_dict({**train_state["optimizer"],
+                               **{kind: {name: backend.to_device(np.array(tensors[f"{kind}/{name}"]))
+                                         for name in params if f"{kind}/{name}" in tensors} for kind in ("m", "v")}})
+    return config, params, tokenizer, optimizer, train_state
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+def run(training, should_stop=lambda: False, on_step=lambda report: None, on_eval=lambda step, means, text: None):
+    """Train until max_iters (or should_stop() turns true: then save and return 'interrupted').
+    Evaluates, samples and saves every eval_interval steps and at the end; logs every step to log.csv.
+    A non-finite loss or gradient raises TrainError; the last checkpoint stays as it was."""
+    log = _Log(os.path.join(training.directory, LOG_FILE), after_step=training.step)
+    s = training.settings
+    while training.step < s.max_iters:
+        if should_stop():
+            training.save()
+            return "interrupted"
+        report = training.train_step()
+        if not (math.isfinite(report.loss) and math.isfinite(report.grad_norm)):
+            raise TrainError(f"the loss became {report.loss} (gradient norm {report.grad_norm}) at step "
+                             f"{training.step + 1}; stopped without updating. The last checkpoint in "
+                             f"{training.directory} is kept; try a lower --lr or --grad-clip")
+        row = dataclasses.asdict(report)
+        on_step(report)
+        if training.step % s.eval_interval == 0 or training.step == s.max_iters:
+            means = training.evaluate()
+            row.update(train_loss=means["train"], val_loss=means["val"])
+            on_eval(training.step, means, training.sample())
+            training.save()
+        log.write(row)
+    return "done"
+
+
+class _Log:
+    """log.csv, one row per step; rows after `after_step` (left by an interrupted run) are dropped."""
+
+    def __init__(self, path, after_step):
+        self.path = path
+        kept = []
+        if os.path.exists(path):
+            with open(path, newline="") as file:
+                kept = [row for row in csv.DictReader(file) if int(row["step"]) <= after_step]
+        with open(path, "w", newline="") as file:
+            writer = csv.DictWriter(file, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def write(self, row):
+        with open(self.path, "a", newline="") as file:
+            csv.DictWriter(file, LOG_FIELDS).writerow({key: "" if row.get(key) is None else row[key]
+                                                       for key in LOG_FIELDS})
+
+
+def plot_curves(directory):
+    """curves.png from log.csv: training loss per step, and the evaluations. Returns its path, or None
+    when matplotlib is not installed (an optional dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(os.path.join(directory, LOG_FILE), newline="") as file:
+        rows = list(csv.DictReader(file))
+    figure, axes = plt.subplots(figsize=(8, 5))
+    axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.6, alpha=0.5, label="train (batch)")
+    evals = [r for r in rows if r["val_loss"] or r["train_loss"]]
+    for key, label in (("train_loss", "train (eval)"), ("val_loss", "validation")):
+        points = [(int(r["step"]), float(r[key])) for r in evals if r[key]]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=label)
+    axes.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title=os.path.basename(os.path.abspath(directory)))
+    axes.legend()
+    axes.grid(alpha=0.3)
+    path = os.path.join(directory, CURVES_FILE)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def evaluate_ids(params, config, ids, batch_size=8):
+    """Mean loss over a whole token stream, each token after the first predicted once, in batches of
+    windows of the model's context. Returns (mean loss, number of predicted tokens)."""
+    total, count = 0.0, 0
+    for tokens, targets in data.sequential_windows(ids, config.max_position_embeddings, batch_size):
+        n = int((targets != -100).sum())
+        total += loss(params, config, tokens, targets) * n
+        count += n
+    return total / count, count

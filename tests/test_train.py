@@ -1,0 +1,281 @@
+"""Training: gradient accumulation, exact resume, the NaN guard, logs, and the train/eval CLI end to end."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from npllama import LlamaConfig, backend, init_params, loss_and_grads, safetensors_file, train, weights
+from npllama.tokenizer import CharTokenizer
+from tests.conftest import ROOT
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 12
+TINY_FLAGS = ["--dim", "16", "--n-layers", "1", "--n-heads", "2", "--hidden", "32", "--context", "16",
+              "--batch-size", "4", "--eval-interval", "5", "--eval-iters", "2", "--sample-tokens", "8",
+              "--warmup", "2", "--device", os.environ.get("NPLLAMA_DEVICE", "cpu")]
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    saved = backend._active
+    yield
+    backend._active = saved
+
+
+def tiny_run(directory, dtype="fp32", **settings):
+    tokenizer = CharTokenizer.from_text(TEXT)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16)
+    settings = train.TrainSettings(**{"batch_size": 4, "max_iters": 12, "warmup": 2, "eval_interval": 4,
+                                      "eval_iters": 2, "sample_tokens": 4, "dtype": dtype, **settings})
+    ids = np.array(tokenizer.encode(TEXT), dtype=np.uint16)
+    return train.TrainingRun(str(directory), config, train.trainable(init_params(config, seed=5), dtype),
+                             tokenizer, settings, ids, {"path": "text", "sha256": "0"})
+
+
+def logged_losses(directory):
+    with open(os.path.join(directory, train.LOG_FILE), newline="") as file:
+        return [(int(row["step"]), row["loss"], row["val_loss"]) for row in csv.DictReader(file)]
+
+
+# ---- the step ---------------------------------------------------------------------------------------
+def test_grad_accumulation_of_4_by_3_equals_batch_of_12(xp):
+    config = LlamaConfig.preset("tiny")
+    params = init_params(config, seed=0, dtype="float64")
+    rng = np.random.default_rng(0)
+    tokens, targets = rng.integers(0, config.vocab_size, (2, 12, 10))
+    whole_loss, whole = loss_and_grads(params, config, tokens, targets)
+    parts = [(tokens[i:i + 3], targets[i:i + 3]) for i in range(0, 12, 3)]
+    accumulated_loss, accumulated = train.accumulated_loss_and_grads(params, config, parts)
+    assert abs(accumulated_loss - whole_loss) < 1e-13
+    for name in params:
+        assert float(xp.abs(accumulated[name] - whole[name]).max()) <= 1e-13 * float(xp.abs(whole[name]).max())
+
+
+def test_losses_fall(tmp_path):
+    run = tiny_run(tmp_path, max_iters=30, lr=1e-2)
+    reports = []
+    train.run(run, on_step=reports.append)
+    assert [r.step for r in reports] == list(range(1, 31))
+    assert np.mean([r.loss for r in reports[-5:]]) < np.mean([r.loss for r in reports[:5]]) - 0.3
+
+
+# ---- exact resume -----------------------------------------------------------------------------------
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tmp_path):
+    straight = tiny_run(tmp_path / "straight", grad_accum=2)
+    assert train.run(straight) == "done"
+
+    first = tiny_run(tmp_path / "resumed", grad_accum=2)
+    assert train.run(first, should_stop=lambda: first.step == 7) == "interrupted"
+    config, params, tokenizer, optimizer, state = train.load_checkpoint(str(tmp_path / "resumed"))
+    assert state["step"] == 7
+    resumed = train.TrainingRun(str(tmp_path / "resumed"), config, params, tokenizer,
+                                train.TrainSettings(**state["settings"]), np.array(tokenizer.encode(TEXT), np.uint16),
+                                state["data"], optimizer, state["step"], state["rng_state"])
+    assert train.run(resumed) == "done"
+
+    assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "straight")
+    for name in straight.params:
+        assert np.array_equal(backend.to_host(resumed.params[name]), backend.to_host(straight.params[name])), name
+
+
+def test_checkpoints_with_different_steps_are_refused(tmp_path):
+    run = tiny_run(tmp_path, max_iters=4)
+    train.run(run)
+    weights.save(tmp_path / train.MODEL_FILE, run.config, run.params, run.tokenizer,
+                 metadata={train.STEP_KEY: "3"})
+    with pytest.raises(train.TrainError, match="model is at step 3 but the optimizer at step 4"):
+        train.load_checkpoint(str(tmp_path))
+
+
+# ---- the NaN guard ------------------------------------------------------------------------------------
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    run = tiny_run(tmp_path, max_iters=8)
+    train.run(run, should_stop=lambda: run.step == 4)  # a checkpoint at step 4
+    before = open(tmp_path / train.MODEL_FILE, "rb").read()
+    run.settings.max_iters = 8
+    run.params["model.norm.weight"][0] = np.nan
+    with pytest.raises(train.TrainError, match=r"the loss became nan .* at step 5; stopped without updating"):
+        train.run(run)
+    assert open(tmp_path / train.MODEL_FILE, "rb").read() == before
+    assert run.step == 4
+
+
+# ---- the CLI --------------------------------------------------------------------------------------------
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_clear_line(result, fragment):
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and fragment in lines[0], result.stderr
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_train_generate_eval_end_to_end(tmp_path, text_file):
+    out = tmp_path / "run"
+    result = cli("train", "--data", text_file, "--out", out, "--max-iters", 10, *TINY_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "step 5: train loss" in result.stdout and "step 10: train loss" in result.stdout
+    assert "done: step 10" in result.stdout
+    assert [step for step, _, _ in logged_losses(out)] == list(range(1, 11))
+    assert [step for step, _, val in logged_losses(out) if val] == [5, 10]
+    curves = out / train.CURVES_FILE
+    assert curves.exists() or "matplotlib is not installed" in result.stdout
+
+    config, params, tokenizer = weights.load(str(out / train.MODEL_FILE))
+    assert tokenizer.vocab_size == len(set(TEXT)) == config.vocab_size
+    generated = cli("generate", "--weights", out / train.MODEL_FILE, "--prompt", "First", "-n", 8,
+                    "--device", os.environ.get("NPLLAMA_DEVICE", "cpu"))
+    assert generated.exit_code == 0 and generated.stdout.startswith("First") and len(generated.stdout) == 5 + 8 + 1
+
+    evaluated = cli("eval", "--weights", out / train.MODEL_FILE, "--data", text_file)
+    assert evaluated.exit_code == 0, evaluated.output
+    mean, count = train.evaluate_ids(train.trainable(params), config, tokenizer.encode(TEXT))
+    assert count == len(TEXT) - 1
+    assert evaluated.stdout == f"loss {mean:.4f} nats/token, perplexity {np.exp(mean):.3f}, over {count:,} tokens\n"
+
+
+def test_train_without_data_uses_the_builtin_corpus(tmp_path):
+    result = cli("train", "--out", tmp_path / "run", "--max-iters", 2, *TINY_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "training and" in result.stdout and "done: step 2" in result.stdout
+
+
+def test_bpe_tokenizer_and_init_from_weights(tmp_path, text_file):
+    first = cli("train", "--data", text_file, "--out", tmp_path / "bpe", "--tokenizer", "bpe:300",
+                "--max-iters", 2, *TINY_FLAGS)
+    assert first.exit_code == 0, first.output
+    _, _, tokenizer = weights.load(str(tmp_path / "bpe" / train.MODEL_FILE))
+    assert tokenizer.kind == "sentencepiece" and tokenizer.vocab_size == 300
+    tuned = cli("train", "--data", text_file, "--out", tmp_path / "tuned", "--init", tmp_path / "bpe" / train.MODEL_FILE,
+                "--max-iters", 2, *[flag for flag in TINY_FLAGS[10:]])
+    assert tuned.exit_code == 0, tuned.output
+    assert weights.load(str(tmp_path / "tuned" / train.MODEL_FILE))[2].model_bytes == tokenizer.model_bytes
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file):
+    """A real interruption: SIGINT to a running `cli.py train`, then --resume, against a straight run."""
+    command = [sys.executable, "cli.py", "train", "--data", str(text_file), "--max-iters", "300", *TINY_FLAGS]
+    command[command.index("--eval-interval") + 1] = "100"
+    straight = subprocess.run(command + ["--out", str(tmp_path / "straight")], cwd=ROOT, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+
+    process = subprocess.Popen(command + ["--out", str(tmp_path / "cut")], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "cut" / train.LOG_FILE
+    deadline = time.time() + 60
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 20):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "Traceback" not in stderr
+    stopped = int(stderr.split("interrupted at step ")[1].split(":")[0])
+    assert 0 < stopped < 300
+
+    resumed = subprocess.run([sys.executable, "cli.py", "train", "--out", str(tmp_path / "cut"), "--resume"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "straight")
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+def test_missing_data_file(tmp_path):
+    assert_one_clear_line(cli("train", "--data", tmp_path / "nope.txt", "--out", tmp_path / "r"), "no such file")
+
+
+def test_empty_data_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    assert_one_clear_line(cli("train", "--data", tmp_path / "empty.txt", "--out", tmp_path / "r"), "empty")
+
+
+def test_data_shorter_than_one_context_window(tmp_path):
+    (tmp_path / "short.txt").write_text("to be or not to be")
+    assert_one_clear_line(cli("train", "--data", tmp_path / "short.txt", "--out", tmp_path / "r", *TINY_FLAGS),
+                          "fewer than one context window")
+
+
+def test_non_utf8_data_names_the_byte_offset(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes(TEXT.encode() + b"caf\xe9\n")
+    assert_one_clear_line(cli("train", "--data", tmp_path / "latin1.txt", "--out", tmp_path / "r"),
+                          f"offset {len(TEXT.encode()) + 3}")
+
+
+def test_resume_without_a_checkpoint(tmp_path, text_file):
+    assert_one_clear_line(cli("train", "--data", text_file, "--out", tmp_path / "none", "--resume"),
+                          "has no checkpoint")
+
+
+def test_resume_refuses_settings_that_change_the_updates(tmp_path, text_file):
+    cli("train", "--data", text_file, "--out", tmp_path / "r", "--max-iters", 2, *TINY_FLAGS)
+    assert_one_clear_line(cli("train", "--out", tmp_path / "r", "--resume", "--lr", "0.5"), "--lr cannot change")
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", 0), ("--max-iters", -5), ("--beta1", 1.0),
+                                        ("--val-fraction", 1.0), ("--lr", 0), ("--context", 0)])
+def test_out_of_range_flags(tmp_path, text_file, flag, value):
+    result = cli("train", "--data", text_file, "--out", tmp_path / "r", flag, value)
+    assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_init_weights_whose_tokenizer_does_not_cover_the_data(tmp_path, text_file):
+    cli("train", "--data", text_file, "--out", tmp_path / "r", "--max-iters", 2, *TINY_FLAGS)
+    (tmp_path / "other.txt").write_text(TEXT + "Zebra!\n")
+    assert_one_clear_line(cli("train", "--data", tmp_path / "other.txt", "--out", tmp_path / "t",
+                              "--init", tmp_path / "r" / train.MODEL_FILE),
+                          f"'Z' at offset {len(TEXT)} is not in its vocabulary")
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path, text_file):
+    cli("train", "--data", text_file, "--out", tmp_path / "r", "--max-iters", 2, *TINY_FLAGS)
+    before = {name: (tmp_path / "r" / name).read_bytes() for name in os.listdir(tmp_path / "r")}
+    assert_one_clear_line(cli("train", "--data", text_file, "--out", tmp_path / "r", *TINY_FLAGS),
+                          "already holds a training run")
+    assert {name: (tmp_path / "r" / name).read_bytes() for name in os.listdir(tmp_path / "r")} == before
+
+
+def test_eval_of_weights_without_a_tokenizer(tmp_path, text_file):
+    stories = os.path.join(ROOT, "..", "shared", "data", "stories260K.bin")
+    assert_one_clear_line(cli("eval", "--weights", stories, "--data", text_file), "has no tokenizer")
+
+
+def test_saved_optimizer_state_holds_both_moments(tmp_path):
+    run = tiny_run(tmp_path, max_iters=4)
+    train.run(run)
+    _, tensors = safetensors_file.read(str(tmp_path / train.OPTIMIZER_FILE))
+    assert sorted(tensors) == sorted(f"{kind}/{name}" for kind in ("m", "v") for name in run.params)
+
+
+@pytest.mark.parametrize("length", [33, 40])  # exactly two windows of 16, and a ragged last window
+def test_evaluate_ids_predicts_every_token_after_the_first_once(length):
+    from npllama import forward
+    config = LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16)
+    params = init_params(config, seed=2, dtype="float64")
+    ids = np.random.default_rng(3).integers(0, 20, length)
+    nll = []
+    for start in range(0, length - 1, 16):  # windows of 16 predictions, each seeing its own tokens only
+        window = ids[start:start + 17]
+        logits = backend.to_host(forward(params, config, window[None, :-1])[0])
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll += list(-log_probs[np.arange(len(window) - 1), window[1:]])
+    mean, count = train.evaluate_ids(params, config, ids, batch_size=2)
+    assert count == length - 1 == len(nll)
+    assert abs(mean - np.mean(nll)) < 1e-12
