@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import shutil
 import signal
 import sys
 
@@ -90,12 +91,17 @@ def info(weights_path):
 @click.option("--force", is_flag=True, help="Write into OUTDIR even if it is not empty.")
 def export_hf(weights_path, outdir, force):
     """Write WEIGHTS as an HF transformers directory (config.json, model.safetensors, tokenizer.model)."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.ClickException(f"{outdir} is a file; OUTDIR names the directory to write")
     if os.path.isdir(outdir) and os.listdir(outdir) and not force:
         raise click.ClickException(f"{outdir} is not empty; pass --force to write into it")
     config, params, tokenizer = weights.load(weights_path)
     weights.export_hf(outdir, config, params, tokenizer)
-    click.echo(f"wrote {outdir} (config.json, model.safetensors"
-               f"{', tokenizer.model' if isinstance(tokenizer, tokenizers.SentencePieceTokenizer) else ''})")
+    sentencepiece = isinstance(tokenizer, tokenizers.SentencePieceTokenizer)
+    click.echo(f"wrote {outdir} (config.json, model.safetensors{', tokenizer.model' if sentencepiece else ''})")
+    if tokenizer is not None and not sentencepiece:
+        click.echo(f"note: HF has no tokenizer format for {tokenizer.describe()}; keep using {weights_path} "
+                   "to encode and decode", err=True)
 
 
 def _parse_ids(text):
@@ -218,33 +224,50 @@ def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force,
     """Train a Llama on a text file: checkpoints, log.csv and curves.png in the run directory."""
     backend.use(flags.pop("device"))
     model_flags = {name: flags.pop(name) for name in MODEL_FLAGS}
-    settings = training.TrainSettings(**{name: flags[name] for name in TRAIN_FLAGS})
+    if init_path:  # the model's shape is given; --context only shortens the training windows
+        flags["context"] = model_flags.pop("context")
+    settings = training.TrainSettings(**{name: flags.get(name) for name in TRAIN_FLAGS})
     data_path = data_path or data.BUILTIN_CORPUS
     out = out or os.path.join("runs", os.path.splitext(os.path.basename(data_path))[0])
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise click.ClickException(f"--out {out} is a file; it names the run directory")
     if resume:
+        if force:
+            raise click.ClickException("--resume continues the run in --out and --force starts it over: choose one")
         run = _resume(ctx, out, data_path if _given(ctx, "data_path") else None, settings)
     else:
         if (preset or any(v is not None for v in model_flags.values())) and init_path:
-            raise click.ClickException("--init takes the model's own shape: drop --preset and the model flags")
+            raise click.ClickException("--init takes the model's own shape: drop --preset and the model flags "
+                                       "(--context may shorten the training windows)")
         if os.path.exists(os.path.join(out, training.MODEL_FILE)) and not force:
             raise click.ClickException(f"{out} already holds a training run; pass --resume to continue it, "
                                        "or --force to start over")
-        run = _start(out, data_path, tokenizer_spec, init_path, preset, model_flags, settings)
+        run = _start_in_new_directory(out, data_path, tokenizer_spec, init_path, preset, model_flags, settings)
     click.echo(f"{out}: {human_count(run.config.num_parameters())} parameters, {run.tokenizer.describe()}, "
                f"{len(run.train_ids):,} training and {len(run.val_ids):,} validation tokens; "
                f"step {run.step} of {run.settings.max_iters}; {backend.describe()}")
     _train_with_progress(run, out)
 
 
-def _read_data(data_path, tokenizer, out, tokenizer_name="the tokenizer"):
-    text = data.read_text(data_path)
+def _read_data(text, data_path, tokenizer, out, tokenizer_name="the tokenizer"):
     data.check_coverage(tokenizer, text, tokenizer_name, data_path)
     info = {"path": os.path.abspath(data_path), "sha256": hashlib.sha256(text.encode()).hexdigest()}
     return data.token_ids(text, tokenizer, out), info
 
 
-def _start(out, data_path, tokenizer_spec, init_path, preset, model_flags, settings):
+def _start_in_new_directory(out, *args):
+    """_start, removing the run directory again if it was made for a run that could not start."""
+    made = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
+    try:
+        return _start(out, *args)
+    except BaseException:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _start(out, data_path, tokenizer_spec, init_path, preset, model_flags, settings):
     text = data.read_text(data_path)
     if init_path:
         config, params, tokenizer = weights.load(init_path)
@@ -260,7 +283,8 @@ def _start(out, data_path, tokenizer_spec, init_path, preset, model_flags, setti
             fields["num_key_value_heads"] = model_flags["n_heads"]
         config = LlamaConfig.from_dict({**fields, "vocab_size": tokenizer.vocab_size})
         params = init_params(config, seed=settings.seed)
-    ids, info = _read_data(data_path, tokenizer, out, f"the tokenizer of {init_path}" if init_path else "the tokenizer")
+    ids, info = _read_data(text, data_path, tokenizer, out,
+                           f"the tokenizer of {init_path}" if init_path else "the tokenizer")
     return training.TrainingRun(out, config, training.trainable(params, settings.dtype), tokenizer, settings,
                                 ids, info)
 
@@ -269,7 +293,7 @@ RESUME_ADJUSTABLE = ("max_iters", "eval_interval", "eval_iters", "sample_tokens"
 
 
 def _resume(ctx, out, data_path, settings):
-    fixed = [name for name in TRAIN_FLAGS + list(MODEL_FLAGS) + ["tokenizer_spec", "init_path", "preset", "force"]
+    fixed = [name for name in TRAIN_FLAGS + list(MODEL_FLAGS) + ["tokenizer_spec", "init_path", "preset"]
              if name not in RESUME_ADJUSTABLE and _given(ctx, name)]
     if fixed:
         flag = "--" + fixed[0].replace("_spec", "").replace("_path", "").replace("_", "-")
@@ -280,11 +304,14 @@ def _resume(ctx, out, data_path, settings):
     for name in RESUME_ADJUSTABLE:  # e.g. train longer: the cosine still ends at the saved decay_iters
         if _given(ctx, name):
             setattr(saved, name, getattr(settings, name))
-    ids, info = _read_data(data_path or state["data"]["path"], tokenizer, out)
+    if saved.max_iters < state["step"]:
+        raise click.ClickException(f"--max-iters {saved.max_iters} is below the run's step {state['step']}")
+    data_path = data_path or state["data"]["path"]
+    ids, info = _read_data(data.read_text(data_path), data_path, tokenizer, out)
     if info["sha256"] != state["data"]["sha256"]:
         raise click.ClickException(f"{info['path']} is not the text this run was trained on (its contents differ)")
     return training.TrainingRun(out, config, params, tokenizer, saved, ids, info, optimizer, state["step"],
-                                state["rng_state"])
+                                state["rng_state"], state.get("elapsed_seconds", 0.0))
 
 
 def _train_with_progress(run, out):

@@ -32,11 +32,11 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 
 import numpy as np
 import sentencepiece
 
+from . import files
 from .tokenizer import CharTokenizer, SentencePieceTokenizer, TokenizerError, to_metadata
 
 BUILTIN_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus",
@@ -81,8 +81,8 @@ def read_text(path):
             where += " (the file ends inside a character)"
         raise DataError(f"{path} is not UTF-8 text: {where}") from None
     if not text.strip():
-        raise DataError(f"{path} is empty: there is no text to train on" if not text else
-                        f"{path} holds only whitespace: there is no text to train on")
+        raise DataError(f"{path} is empty: there is no text" if not text else
+                        f"{path} holds only whitespace: there is no text")
     return text
 
 
@@ -151,7 +151,7 @@ def _bpe_tokenizer(spec, size, text, workdir):
             from None
     tokenizer = SentencePieceTokenizer(model.getvalue(), source=spec)
     os.makedirs(workdir, exist_ok=True)
-    _write_atomically(path, [model.getvalue()])
+    files.write_atomically(path, [model.getvalue()])
     return tokenizer
 
 
@@ -259,7 +259,7 @@ def token_ids(text, tokenizer, cache_dir):
     dtype = token_dtype(tokenizer)
     if not (os.path.isfile(path) and os.path.getsize(path) and os.path.getsize(path) % dtype.itemsize == 0):
         os.makedirs(cache_dir, exist_ok=True)
-        _write_atomically(path, (ids.astype(dtype).tobytes() for ids in _encode_chunks(text, tokenizer)))
+        files.write_atomically(path, (ids.astype(dtype).tobytes() for ids in _encode_chunks(text, tokenizer)))
     return np.memmap(path, dtype=dtype, mode="r")
 
 
@@ -309,23 +309,6 @@ def _newline_is_a_boundary(tokenizer):
         return False
     probe = "a\nb \n\n c\n"
     return sp.decode(sp.encode(probe)) == probe
-
-
-def _write_atomically(path, blocks):
-    """Write the byte blocks to a temporary file in path's folder, then rename it to path."""
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                                         prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            for block in blocks:
-                file.write(block)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 # ---- splits and batches ---------------------------------------------------------------------------------

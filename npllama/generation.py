@@ -150,7 +150,10 @@ class GenerationStats:
 
 
 def _rate(tokens, seconds):
-    return f"{tokens / seconds:.4g} tok/s" if tokens > 0 and seconds > 0 else "n/a"
+    if tokens <= 0 or seconds <= 0:
+        return "n/a"
+    rate = tokens / seconds
+    return f"{rate:,.1f} tok/s" if rate >= 1 else f"{rate:.3g} tok/s"
 
 
 def stream(params, config, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,

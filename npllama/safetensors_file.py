@@ -12,11 +12,10 @@ then renames it: an interrupted write never leaves a half-written file under the
 import json
 import os
 import struct
-import tempfile
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, files
 
 MAX_HEADER_BYTES = 100 << 20  # the reference implementation's limit too
 CODES = {dtype: code for code, dtype in dtypes.SAFETENSORS_CODES.items()}
@@ -84,23 +83,17 @@ def write(path, tensors, metadata=None):
         offset += nbytes
     header = json.dumps({"__metadata__": dict(metadata or {}), **entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # tensors start 8-byte aligned
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(struct.pack("<Q", len(header)) + header)
-            for name in entries:
-                array = np.ascontiguousarray(tensors[name])
-                if (array.dtype, array.shape) != shapes[name]:
-                    raise ValueError(f"tensor {name} changed from {shapes[name]} while being written")
-                file.write(memoryview(array.reshape(-1).view(np.uint8)))
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    files.write_atomically(path, _blocks(header, tensors, shapes))
+
+
+def _blocks(header, tensors, shapes):
+    """The file's bytes, one tensor at a time (a lazy mapping makes each only now)."""
+    yield struct.pack("<Q", len(header)) + header
+    for name, expected in shapes.items():
+        array = np.ascontiguousarray(tensors[name])
+        if (dtypes.resolve(array.dtype), tuple(array.shape)) != expected:
+            raise ValueError(f"tensor {name} is {array.dtype} {array.shape}, announced as {expected}")
+        yield memoryview(array.reshape(-1).view(np.uint8))
 
 
 def dtype_and_shape(tensors, name):

@@ -57,6 +57,7 @@ class TrainSettings:
     seed: int = 1337
     sample_tokens: int = 200
     dtype: str = "fp32"
+    context: int = None  # tokens per training window; None: the model's max_position_embeddings
 
     def __post_init__(self):
         if self.decay_iters is None:
@@ -68,6 +69,8 @@ class TrainSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.context is not None and self.context < 1:
+            raise TrainError(f"--context must be at least 1, got {self.context}")
         for name in ("warmup", "sample_tokens", "weight_decay", "grad_clip", "min_lr"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
@@ -116,13 +119,16 @@ class TrainingRun:
     """One run: model, tokenizer, optimizer, data order and step, saved and restored as a whole."""
 
     def __init__(self, directory, config, params, tokenizer, settings, ids, data_info,
-                 optimizer=None, step=0, rng_state=None):
+                 optimizer=None, step=0, rng_state=None, elapsed=0.0):
         self.directory, self.config, self.params, self.tokenizer = directory, config, params, tokenizer
         self.settings, self.data_info = settings, data_info
         os.makedirs(directory, exist_ok=True)
+        if settings.context is not None and settings.context > config.max_position_embeddings:
+            raise TrainError(f"--context {settings.context} is longer than the model's context "
+                             f"({config.max_position_embeddings})")
         self.train_ids, self.val_ids = data.split(ids, settings.val_fraction)
         try:
-            data.check_long_enough(self.train_ids, self.val_ids, config.max_position_embeddings)
+            data.check_long_enough(self.train_ids, self.val_ids, self.context)
         except data.DataError as error:
             raise TrainError(str(error)) from None
         self.optimizer = optimizer or adamw.AdamW(settings.lr, (settings.beta1, settings.beta2),
@@ -131,11 +137,12 @@ class TrainingRun:
         self.rng = np.random.default_rng(settings.seed)
         if rng_state is not None:
             self.rng.bit_generator.state = rng_state
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() - elapsed  # elapsed_seconds continue across a resume
+        self.saved_step = step if optimizer is not None else None  # a resumed run starts from a checkpoint
 
     @property
     def context(self):
-        return self.config.max_position_embeddings
+        return self.settings.context or self.config.max_position_embeddings
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def train_step(self):
@@ -172,11 +179,13 @@ class TrainingRun:
         return means
 
     def sample(self):
-        """A short seeded continuation (temperature 0.8, top-k 200) from the start of a text."""
+        """A short seeded continuation (temperature 0.8, top-k 200) from BOS, or else from the first
+        token of the training data."""
         if self.settings.sample_tokens == 0:
             return ""
-        start = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else self.tokenizer.encode("\n")[:1] or [0]
-        new = generation.generate(self.params, self.config, start, self.settings.sample_tokens, temperature=0.8,
+        start = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else int(self.train_ids[0])]
+        new = generation.generate(self.params, self.config, start, min(self.settings.sample_tokens, self.context - 1),
+                                  temperature=0.8,
                                   top_k=200, seed=self.settings.seed + self.step, eos_id=self.tokenizer.eos_id)
         return self.tokenizer.decode(start + new)
 
@@ -186,12 +195,21 @@ class TrainingRun:
         state = self.optimizer.state_dict()
         tensors = {f"{kind}/{name}": backend.to_host(state[kind][name]) for kind in ("m", "v") for name in state[kind]}
         train_state = {"step": self.step, "rng_state": self.rng.bit_generator.state,
+                       "elapsed_seconds": time.perf_counter() - self.started,
                        "settings": dataclasses.asdict(self.settings), "data": self.data_info,
                        "optimizer": {key: state[key] for key in state if key not in ("m", "v")}}
         safetensors_file.write(os.path.join(self.directory, OPTIMIZER_FILE), tensors,
                                {TRAIN_KEY: json.dumps(train_state)})
         weights.save(os.path.join(self.directory, MODEL_FILE), self.config, self.params, self.tokenizer,
                      metadata={STEP_KEY: str(self.step)})
+        self.saved_step = self.step
+
+
+def _read_safetensors(path):
+    try:
+        return safetensors_file.read(path)
+    except safetensors_file.SafetensorsError as error:
+        raise TrainError(str(error)) from None
 
 
 def load_checkpoint(directory):
@@ -201,13 +219,21 @@ def load_checkpoint(directory):
         if not os.path.isfile(path):
             raise TrainError(f"--resume: {directory} has no checkpoint ({os.path.basename(path)} is missing)")
     config, params, tokenizer = weights.load(model_path)
-    model_step = int(safetensors_file.read(model_path)[0].get(STEP_KEY, -1))
-    metadata, tensors = safetensors_file.read(optimizer_path)
-    train_state = json.loads(metadata[TRAIN_KEY])
-    if model_step != train_state["step"]:
+    model_step = safetensors_file.read(model_path)[0].get(STEP_KEY)
+    metadata, tensors = _read_safetensors(optimizer_path)
+    try:
+        train_state = json.loads(metadata[TRAIN_KEY])
+        settings = TrainSettings(**train_state["settings"])
+        complete = {"step", "rng_state", "data", "optimizer"} <= train_state.keys()
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
+        complete = False
+    if not complete:
+        raise TrainError(f"{optimizer_path} is not an npllama training checkpoint")
+    if model_step is None:
+        raise TrainError(f"{model_path} is not a training checkpoint (it records no training step)")
+    if int(model_step) != train_state["step"]:
         raise TrainError(f"{directory}: the model is at step {model_step} but the optimizer at step "
                          f"{train_state['step']} (a checkpoint was interrupted); cannot resume exactly")
-    settings = TrainSettings(**train_state["settings"])
     params = trainable(params, settings.dtype)
     optimizer = adamw.AdamW(settings.lr, (settings.beta1, settings.beta2), weight_decay=settings.weight_decay)
     optimizer.load_state_dict({**train_state["optimizer"],
@@ -220,27 +246,37 @@ def load_checkpoint(directory):
 def run(training, should_stop=lambda: False, on_step=lambda report: None, on_eval=lambda step, means, text: None):
     """Train until max_iters (or should_stop() turns true: then save and return 'interrupted').
     Evaluates, samples and saves every eval_interval steps and at the end; logs every step to log.csv.
-    A non-finite loss or gradient raises TrainError; the last checkpoint stays as it was."""
+    A non-finite loss, gradient or evaluation raises TrainError before anything is saved, so the last
+    checkpoint stays as it was."""
     log = _Log(os.path.join(training.directory, LOG_FILE), after_step=training.step)
     s = training.settings
-    while training.step < s.max_iters:
-        if should_stop():
-            training.save()
-            return "interrupted"
-        report = training.train_step()
-        if not (math.isfinite(report.loss) and math.isfinite(report.grad_norm)):
-            raise TrainError(f"the loss became {report.loss} (gradient norm {report.grad_norm}) at step "
-                             f"{training.step + 1}; stopped without updating. The last checkpoint in "
-                             f"{training.directory} is kept; try a lower --lr or --grad-clip")
-        row = dataclasses.asdict(report)
-        on_step(report)
-        if training.step % s.eval_interval == 0 or training.step == s.max_iters:
-            means = training.evaluate()
-            row.update(train_loss=means["train"], val_loss=means["val"])
-            on_eval(training.step, means, training.sample())
-            training.save()
-        log.write(row)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are caught below
+        while training.step < s.max_iters:
+            if should_stop():
+                training.save()
+                return "interrupted"
+            report = training.train_step()
+            _check_finite(training, {"the loss": report.loss, "the gradient norm": report.grad_norm}, report.step + 1)
+            row = dataclasses.asdict(report)
+            on_step(report)
+            if training.step % s.eval_interval == 0 or training.step == s.max_iters:
+                means = training.evaluate()
+                _check_finite(training, {f"the mean {split} loss": value for split, value in means.items()
+                                         if value is not None}, training.step)
+                row.update(train_loss=means["train"], val_loss=means["val"])
+                on_eval(training.step, means, training.sample())
+                training.save()
+            log.write(row)
     return "done"
+
+
+def _check_finite(training, values, step):
+    for what, value in values.items():
+        if not math.isfinite(value):
+            kept = (f"the last checkpoint (step {training.saved_step}) in {training.directory} is kept"
+                    if training.saved_step is not None else "no checkpoint had been written yet")
+            raise TrainError(f"{what} became {value} at step {step}; training stopped and {kept}. Start again "
+                             "with a lower --lr or --grad-clip (and --force)")
 
 
 class _Log:

@@ -28,7 +28,7 @@ import struct
 
 import numpy as np
 
-from . import backend, dtypes, rope, safetensors_file, tokenizer as tokenizers, torch_pickle
+from . import backend, dtypes, files, rope, safetensors_file, tokenizer as tokenizers, torch_pickle
 from .config import ConfigError, LlamaConfig, human_count
 from .model import EMBEDDING, FINAL_NORM, LM_HEAD, block_param_name, parameter_shapes
 
@@ -64,15 +64,6 @@ class LazyTensors(collections.abc.Mapping):
         return len(self._entries)
 
 
-def converted(params, dtype):
-    """params with every tensor in `dtype` (a name such as 'fp16' or a dtype), converted when read."""
-    out = LazyTensors()
-    for name in params:
-        _, shape = safetensors_file.dtype_and_shape(params, name)
-        out.add(name, dtype, shape, lambda name=name: dtypes.convert(backend.to_host(params[name]), dtype))
-    return out
-
-
 # ---- the npllama weights file ----------------------------------------------------------------------
 def save(path, config, params, tokenizer=None, dtype=None, metadata=None):
     """Write the npllama weights file atomically; dtype (e.g. 'fp16') converts tensors, else kept.
@@ -80,16 +71,21 @@ def save(path, config, params, tokenizer=None, dtype=None, metadata=None):
     if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
         raise WeightsError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                            f"vocab_size is {config.vocab_size}")
+    metadata = {**(metadata or {}), "format": "pt", VERSION_KEY: FORMAT_VERSION,
+                CONFIG_KEY: json.dumps(config.to_dict())}
+    if tokenizer is not None:
+        metadata[TOKENIZER_KEY] = tokenizers.to_metadata(tokenizer)
+    safetensors_file.write(path, _host_tensors(config, params, dtype), metadata)
+
+
+def _host_tensors(config, params, dtype=None):
+    """The config's tensors, each moved to the host (and converted to dtype) only when it is written."""
     tensors = LazyTensors()
     for name in parameter_shapes(config):
         stored, shape = safetensors_file.dtype_and_shape(params, name)
         tensors.add(name, dtype or stored, shape,
                     lambda name=name: dtypes.convert(backend.to_host(params[name]), dtype or stored))
-    metadata = {**(metadata or {}), "format": "pt", VERSION_KEY: FORMAT_VERSION,
-                CONFIG_KEY: json.dumps(config.to_dict())}
-    if tokenizer is not None:
-        metadata[TOKENIZER_KEY] = tokenizers.to_metadata(tokenizer)
-    safetensors_file.write(path, tensors, metadata)
+    return tensors
 
 
 def load(path, tokenizer_path=None):
@@ -128,6 +124,8 @@ def _read_npllama(path):
     if CONFIG_KEY not in metadata:
         raise WeightsError(f"{path}: a safetensors file without an npllama config; for an HF checkpoint "
                            "give its directory (with config.json)")
+    if int(metadata.get(VERSION_KEY, FORMAT_VERSION)) > int(FORMAT_VERSION):
+        raise WeightsError(f"{path}: written by a newer npllama (format {metadata[VERSION_KEY]}); upgrade npllama")
     config = _config_from_json(path, metadata[CONFIG_KEY])
     tokenizer = tokenizers.from_metadata(metadata[TOKENIZER_KEY]) if TOKENIZER_KEY in metadata else None
     return config, tensors, tokenizer
@@ -234,7 +232,8 @@ def _hf_shards(directory):
 
 def export_hf(directory, config, params, tokenizer=None):
     """Write an HF transformers checkpoint directory (config.json, model.safetensors, tokenizer.model
-    for a SentencePiece tokenizer) that LlamaForCausalLM.from_pretrained loads."""
+    for a SentencePiece tokenizer: HF has no format for a character vocabulary) that
+    LlamaForCausalLM.from_pretrained loads."""
     os.makedirs(directory, exist_ok=True)
     stored = {dtypes.name(safetensors_file.dtype_and_shape(params, name)[0]) for name in params}
     torch_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
@@ -246,19 +245,14 @@ def export_hf(directory, config, params, tokenizer=None):
     if tokenizer is not None and tokenizer.bos_id is not None:
         hf_config.setdefault("bos_token_id", tokenizer.bos_id)
         hf_config.setdefault("eos_token_id", tokenizer.eos_id)
-    safetensors_file.write(os.path.join(directory, "model.safetensors"),
-                           {name: backend.to_host(params[name]) for name in parameter_shapes(config)},
+    safetensors_file.write(os.path.join(directory, "model.safetensors"), _host_tensors(config, params),
                            {"format": "pt"})
-    _write_atomically(os.path.join(directory, "config.json"), json.dumps(hf_config, indent=2).encode())
+    files.write_atomically(os.path.join(directory, "config.json"), [json.dumps(hf_config, indent=2).encode()])
+    tokenizer_path = os.path.join(directory, "tokenizer.model")
     if isinstance(tokenizer, tokenizers.SentencePieceTokenizer):
-        _write_atomically(os.path.join(directory, "tokenizer.model"), tokenizer.model_bytes)
-
-
-def _write_atomically(path, data):
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)
+        files.write_atomically(tokenizer_path, [tokenizer.model_bytes])
+    elif os.path.exists(tokenizer_path):  # an earlier export's: it does not belong to this model
+        os.remove(tokenizer_path)
 
 
 # ---- Meta's original checkpoints -----------------------------------------------------------------

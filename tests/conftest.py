@@ -9,6 +9,14 @@ os.environ.setdefault("NPLLAMA_DEVICE", "cpu")
 from npllama import backend  # noqa: E402  (after the default device is set)
 
 
+@pytest.fixture(autouse=True)
+def restore_backend():
+    """Commands call backend.use(--device): every test leaves the device as it found it."""
+    saved = backend._active
+    yield
+    backend._active = saved
+
+
 @pytest.fixture
 def xp():
     """The array module of the device under test; skips (with the reason) when it is unavailable."""

@@ -6,13 +6,6 @@ import pytest
 from npllama import backend
 
 
-@pytest.fixture
-def restore_backend():
-    saved = backend._active
-    yield
-    backend._active = saved
-
-
 def test_cpu(restore_backend):
     assert backend.use("cpu") == "cpu"
     assert backend.xp() is np and backend.device() == "cpu"

@@ -17,16 +17,10 @@ from tests.conftest import ROOT
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 12
-TINY_FLAGS = ["--dim", "16", "--n-layers", "1", "--n-heads", "2", "--hidden", "32", "--context", "16",
-              "--batch-size", "4", "--eval-interval", "5", "--eval-iters", "2", "--sample-tokens", "8",
-              "--warmup", "2", "--device", os.environ.get("NPLLAMA_DEVICE", "cpu")]
-
-
-@pytest.fixture(autouse=True)
-def restore_backend():
-    saved = backend._active
-    yield
-    backend._active = saved
+SHAPE_FLAGS = ["--dim", "16", "--n-layers", "1", "--n-heads", "2", "--hidden", "32", "--context", "16"]
+RUN_FLAGS = ["--batch-size", "4", "--eval-interval", "5", "--eval-iters", "2", "--sample-tokens", "8",
+             "--warmup", "2", "--device", os.environ.get("NPLLAMA_DEVICE", "cpu")]
+TINY_FLAGS = SHAPE_FLAGS + RUN_FLAGS
 
 
 def tiny_run(directory, dtype="fp32", **settings):
@@ -102,7 +96,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     before = open(tmp_path / train.MODEL_FILE, "rb").read()
     run.settings.max_iters = 8
     run.params["model.norm.weight"][0] = np.nan
-    with pytest.raises(train.TrainError, match=r"the loss became nan .* at step 5; stopped without updating"):
+    with pytest.raises(train.TrainError, match=r"the loss became nan at step 5; training stopped and the last "
+                                               r"checkpoint \(step 4\) in .* is kept"):
         train.run(run)
     assert open(tmp_path / train.MODEL_FILE, "rb").read() == before
     assert run.step == 4
@@ -164,7 +159,7 @@ def test_bpe_tokenizer_and_init_from_weights(tmp_path, text_file):
     _, _, tokenizer = weights.load(str(tmp_path / "bpe" / train.MODEL_FILE))
     assert tokenizer.kind == "sentencepiece" and tokenizer.vocab_size == 300
     tuned = cli("train", "--data", text_file, "--out", tmp_path / "tuned", "--init", tmp_path / "bpe" / train.MODEL_FILE,
-                "--max-iters", 2, *[flag for flag in TINY_FLAGS[10:]])
+                "--max-iters", 2, *RUN_FLAGS)
     assert tuned.exit_code == 0, tuned.output
     assert weights.load(str(tmp_path / "tuned" / train.MODEL_FILE))[2].model_bytes == tokenizer.model_bytes
 
@@ -279,3 +274,86 @@ def test_evaluate_ids_predicts_every_token_after_the_first_once(length):
     mean, count = train.evaluate_ids(params, config, ids, batch_size=2)
     assert count == length - 1 == len(nll)
     assert abs(mean - np.mean(nll)) < 1e-12
+
+
+# ---- found in review --------------------------------------------------------------------------------
+def test_samples_start_from_the_data_when_the_vocabulary_has_no_newline(tmp_path):
+    (tmp_path / "flat.txt").write_text("abcdefghij klmnop qrstuv wxyz " * 20)
+    result = cli("train", "--data", tmp_path / "flat.txt", "--out", tmp_path / "r", "--max-iters", 5, *TINY_FLAGS)
+    assert result.exit_code == 0, result.output
+    sample = result.stdout.split("step 5: train loss")[1].splitlines()[1]
+    assert sample.startswith("  a") and len(sample) > 3  # the first training token, then generated text
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_nothing_non_finite(tmp_path, text_file):
+    result = cli("train", "--data", text_file, "--out", tmp_path / "r", "--max-iters", 50, "--lr", 1e39,
+                 "--grad-clip", 0, "--warmup", 0, *SHAPE_FLAGS, "--eval-interval", 1, "--eval-iters", 1)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[:-1] == ["training"]  # the progress bar's label (no terminal here), then one line
+    assert lines[-1].startswith("Error: the mean train loss became nan at step 1") and "--lr" in lines[-1]
+    assert "Warning" not in result.stderr
+    assert not (tmp_path / "r" / train.MODEL_FILE).exists()  # the step-1 evaluation was not finite: no save
+
+
+def test_init_may_shorten_the_training_window(tmp_path, text_file):
+    cli("train", "--data", text_file, "--out", tmp_path / "base", "--max-iters", 1, *TINY_FLAGS)
+    result = cli("train", "--data", text_file, "--out", tmp_path / "tuned", "--init",
+                 tmp_path / "base" / train.MODEL_FILE, "--context", 8, "--max-iters", 2, *RUN_FLAGS)
+    assert result.exit_code == 0, result.output
+    config, _, _ = weights.load(str(tmp_path / "tuned" / train.MODEL_FILE))
+    assert config.max_position_embeddings == 16  # the model keeps its context
+    rows = logged_losses(tmp_path / "tuned")
+    assert [step for step, _, _ in rows] == [1, 2]
+    too_long = cli("train", "--data", text_file, "--out", tmp_path / "t2", "--init",
+                   tmp_path / "base" / train.MODEL_FILE, "--context", 32, *RUN_FLAGS)
+    assert_one_clear_line(too_long, "--context 32 is longer than the model's context (16)")
+    assert not (tmp_path / "t2").exists()
+
+
+def test_resume_from_a_foreign_optimizer_file(tmp_path, text_file):
+    cli("train", "--data", text_file, "--out", tmp_path / "r", "--max-iters", 2, *TINY_FLAGS)
+    model = (tmp_path / "r" / train.MODEL_FILE).read_bytes()
+    (tmp_path / "r" / train.OPTIMIZER_FILE).write_bytes(model)
+    assert_one_clear_line(cli("train", "--out", tmp_path / "r", "--resume"), "is not an npllama training checkpoint")
+
+
+def test_resume_below_the_reached_step(tmp_path, text_file):
+    cli("train", "--data", text_file, "--out", tmp_path / "r", "--max-iters", 4, *TINY_FLAGS)
+    assert_one_clear_line(cli("train", "--out", tmp_path / "r", "--resume", "--max-iters", 2),
+                          "--max-iters 2 is below the run's step 4")
+
+
+def test_out_naming_a_file(tmp_path, text_file):
+    assert_one_clear_line(cli("train", "--data", text_file, "--out", text_file), "is a file")
+    assert text_file.read_text() == TEXT
+
+
+def test_a_run_that_cannot_start_leaves_no_directory(tmp_path):
+    (tmp_path / "short.txt").write_text("to be or not to be")
+    cli("train", "--data", tmp_path / "short.txt", "--out", tmp_path / "r", *TINY_FLAGS)
+    assert not (tmp_path / "r").exists()
+
+
+def test_log_records_lr_and_gradient_norm(tmp_path):
+    run = tiny_run(tmp_path, max_iters=3)
+    train.run(run)
+    with open(tmp_path / train.LOG_FILE, newline="") as file:
+        rows = list(csv.DictReader(file))
+    settings = run.settings
+    from npllama import adamw
+    assert [float(r["lr"]) for r in rows] == [adamw.learning_rate(step, settings.lr, settings.min_lr, settings.warmup,
+                                                                  settings.decay_iters) for step in range(3)]
+    assert all(float(r["grad_norm"]) > 0 and float(r["tokens_per_second"]) > 0 for r in rows)
+
+
+def test_export_hf_of_a_character_model_notes_the_missing_tokenizer(tmp_path):
+    run = tiny_run(tmp_path / "r", max_iters=1)
+    train.run(run)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(b"an earlier export's tokenizer")
+    result = cli("export-hf", tmp_path / "r" / train.MODEL_FILE, tmp_path / "hf", "--force")
+    assert result.exit_code == 0, result.output
+    assert "HF has no tokenizer format for characters" in result.stderr
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    assert weights.load(str(tmp_path / "hf"))[0] == run.config
