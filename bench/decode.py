@@ -27,7 +27,7 @@ def npllama_speeds(params, config, prompt, new_tokens, dtype):
     tokens, stats = generation.stream(params, config, prompt, new_tokens, dtype=dtype)
     for _ in tokens:
         pass
-    return stats.prompt_tokens / stats.prefill_seconds, (stats.new_tokens - 1) / stats.decode_seconds
+    return stats.prompt_tokens / stats.prefill_seconds, (stats.new_tokens - 1) / stats.decode_seconds, stats.new_tokens
 
 
 def torch_speeds(params, config, prompt, new_tokens, threads):
@@ -81,7 +81,8 @@ def main():
     runs = [npllama_speeds(params, config, prompt, args.new_tokens, args.dtype) for _ in range(args.repeats)]
     print(f"npllama  prefill {statistics.median(r[0] for r in runs):8.1f} tok/s   "
           f"decode {statistics.median(r[1] for r in runs):8.1f} tok/s   "
-          f"(decode runs: {', '.join(f'{r[1]:.1f}' for r in runs)})")
+          f"(decode runs: {', '.join(f'{r[1]:.1f}' for r in runs)}; {runs[0][2]} new tokens, "
+          f"the context is {config.max_position_embeddings})")
     if args.torch:
         runs = [torch_speeds(params, config, prompt, args.new_tokens, threads) for _ in range(args.repeats)]
         print(f"torch    prefill {statistics.median(r[0] for r in runs):8.1f} tok/s   "
