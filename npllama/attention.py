@@ -24,7 +24,7 @@ How it is computed:
 """
 import functools
 
-from . import backend, linear, rope
+from . import backend, linear, lora, rope
 
 
 @functools.lru_cache(maxsize=16)
@@ -58,28 +58,70 @@ def _merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(batch, time, heads * head_dim)
 
 
+def to_fused_rows(projection, rows, head_dim):
+    """Rows (out, ...) of q_proj, k_proj or v_proj as the fused weight holds them: q and k in RoPE's
+    paired order (rope.py), q scaled by s = 1/√hd (RoPE is linear: RoPE(x (s·Wq)ᵀ) = s·RoPE(x Wqᵀ))."""
+    if projection == "v_proj":
+        return rows
+    paired = rope.to_pairs(rows, head_dim)
+    return paired * head_dim ** -0.5 if projection == "q_proj" else paired
+
+
+def from_fused_rows(projection, rows, head_dim):
+    """The gradient of rows in the fused layout -> the gradient of the projection's rows (the transpose
+    of to_fused_rows: the same reordering undone and the same scale)."""
+    if projection == "v_proj":
+        return rows
+    unpaired = rope.from_pairs(rows, head_dim)
+    return unpaired * head_dim ** -0.5 if projection == "q_proj" else unpaired
+
+
 def fused_qkv_weight(wq, wk, wv, head_dim):
-    """[s·Wq; Wk; Wv]: (H·hd + 2·K·hd, D), the three projections as one product, with q and k rows in
-    RoPE's paired order (rope.py) and the score scale s = 1/√hd folded into Wq: RoPE is linear, so
-    RoPE(x (s·Wq)ᵀ) = s·RoPE(x Wqᵀ), at the cost of a (D, D) multiply instead of a (B, T, D) one."""
-    xp = backend.array_module(wq)
-    return xp.concatenate((rope.to_pairs(wq, head_dim) * head_dim ** -0.5, rope.to_pairs(wk, head_dim), wv))
+    """[s·Wq; Wk; Wv]: (H·hd + 2·K·hd, D), the three projections as one product (to_fused_rows), at
+    the cost of a (D, D) multiply instead of a (B, T, D) one. Frozen projections (lora.py) make a
+    frozen fused weight; their adapters are applied beside it (qkv_adapters)."""
+    weights = {"q_proj": wq, "k_proj": wk, "v_proj": wv}
+    frozen = [isinstance(w, lora.Frozen) for w in weights.values()]
+    if any(frozen) and not all(frozen):
+        raise ValueError("q_proj, k_proj and v_proj must be all trained or all frozen")
+    xp = backend.array_module(lora.base(wq))
+    fused = xp.concatenate([to_fused_rows(name, lora.base(w), head_dim) for name, w in weights.items()])
+    return lora.Frozen(fused) if all(frozen) else fused
 
 
-def _project(x, w_qkv, rotation, n_heads):
+def qkv_adapters(wq, wk, wv, head_dim):
+    """The LoRA adapters of q, k and v in the fused layout: [(name, rows of the fused output, A, B', s)],
+    B' = to_fused_rows(B), so that each adds s·(x Aᵀ) B'ᵀ to its rows of the fused product."""
+    adapters, start = [], 0
+    for name, weight in (("q_proj", wq), ("k_proj", wk), ("v_proj", wv)):
+        end = start + weight.shape[0]
+        if isinstance(weight, lora.Frozen) and weight.adapted:
+            adapters.append((name, slice(start, end), weight.a, to_fused_rows(name, weight.b, head_dim), weight.scale))
+        start = end
+    return adapters
+
+
+def _project(x, w_qkv, adapters, rotation, n_heads):
     """x: (B, T, D) -> q: (B, K, G·T, hd), the G query heads of each key/value head stacked along time,
-    and k, v: (B, K, T, hd); q and k rotated by RoPE for positions given by rotation: (T, hd/2)."""
+    and k, v: (B, K, T, hd); q and k rotated by RoPE for positions given by rotation: (T, hd/2).
+    Also returns the caches of the fused product and of the adapters."""
     xp = backend.array_module(x)
     batch, time, _ = x.shape
     head_dim = 2 * rotation.shape[-1]
     n_kv_heads = (w_qkv.shape[0] // head_dim - n_heads) // 2
-    qkv = linear.forward(x, w_qkv)[0].reshape(batch, time, n_heads + 2 * n_kv_heads, head_dim)
+    qkv, qkv_cache = linear.forward(x, w_qkv)
+    adapter_caches = []
+    for _, rows, a, b, scale in adapters:
+        delta, cache = lora.delta_forward(x, a, b, scale)
+        qkv[..., rows] += delta
+        adapter_caches.append(cache)
+    qkv = qkv.reshape(batch, time, n_heads + 2 * n_kv_heads, head_dim)
     qk, _ = rope.forward(qkv[:, :, :n_heads + n_kv_heads], rotation[:, None])   # positions on axis 1
     q = qk[:, :, :n_heads].transpose(0, 2, 1, 3).reshape(batch, n_kv_heads, -1, head_dim)
     # k and v are copied out so the cache does not keep the whole fused buffers alive.
     k = xp.ascontiguousarray(qk[:, :, n_heads:].transpose(0, 2, 1, 3))
     v = xp.ascontiguousarray(qkv[:, :, n_heads + n_kv_heads:].transpose(0, 2, 1, 3))
-    return q, k, v
+    return q, k, v, (qkv_cache, adapter_caches)
 
 
 def _attend(q, k, v, time):
@@ -100,22 +142,24 @@ def forward(x, wq, wk, wv, wo, rotation):
     """x: (B, T, D); wq, wo: (D, D); wk, wv: (K·hd, D); rotation: (T, hd/2) complex RoPE table.
     Returns y: (B, T, D)."""
     head_dim = 2 * rotation.shape[-1]
-    w_qkv = fused_qkv_weight(wq, wk, wv, head_dim)
-    q, k, v = _project(x, w_qkv, rotation, wq.shape[0] // head_dim)
+    adapters = qkv_adapters(wq, wk, wv, head_dim)
+    q, k, v, projection = _project(x, fused_qkv_weight(wq, wk, wv, head_dim), adapters, rotation,
+                                   wq.shape[0] // head_dim)
     out, probs = _attend(q, k, v, x.shape[1])
-    y, _ = linear.forward(out, wo)
-    return y, (x, q, k, v, probs, out, w_qkv, wo, rotation)
+    y, o_cache = linear.forward(out, wo)
+    return y, (q, k, v, probs, projection, adapters, o_cache, rotation)
 
 
 def backward(dy, cache):
-    """Returns dx, dWq, dWk, dWv, dWo."""
-    x, q, k, v, probs, out, w_qkv, wo, rotation = cache
+    """Returns dx and the gradients of Wq, Wk, Wv, Wo (each None when frozen, a lora.AdapterGrad when
+    adapted)."""
+    q, k, v, probs, (qkv_cache, adapter_caches), adapters, o_cache, rotation = cache
     xp = backend.array_module(dy)
     batch, n_kv_heads, _, head_dim = q.shape
     time = k.shape[2]
     n_heads = q.shape[2] // time * n_kv_heads
 
-    d_out, dwo = linear.backward(dy, (out, wo))
+    d_out, dwo = linear.backward(dy, o_cache)
     d_out = _split_heads(d_out, head_dim).reshape(q.shape)              # (B, K, G·T, hd)
     d_probs = d_out @ v.transpose(0, 1, 3, 2)
     dv = probs.transpose(0, 1, 3, 2) @ d_out                             # (B, K, T, hd)
@@ -131,11 +175,17 @@ def backward(dy, cache):
     d_qkv[:, :, n_heads:n_heads + n_kv_heads] = dk.transpose(0, 2, 1, 3)
     d_qkv[:, :, :n_heads + n_kv_heads] = rope.backward(d_qkv[:, :, :n_heads + n_kv_heads], rotation[:, None])
     d_qkv[:, :, n_heads + n_kv_heads:] = dv.transpose(0, 2, 1, 3)
-    dx, dw_qkv = linear.backward(d_qkv.reshape(batch, time, -1), (x, w_qkv))
+    d_qkv = d_qkv.reshape(batch, time, -1)
+    dx, dw_qkv = linear.backward(d_qkv, qkv_cache)
     q_rows, k_rows = n_heads * head_dim, n_kv_heads * head_dim
-    dwq = rope.from_pairs(dw_qkv[:q_rows] * head_dim ** -0.5, head_dim)
-    dwk = rope.from_pairs(dw_qkv[q_rows:q_rows + k_rows], head_dim)
-    return dx, dwq, dwk, dw_qkv[q_rows + k_rows:].copy(), dwo
+    rows = {"q_proj": slice(0, q_rows), "k_proj": slice(q_rows, q_rows + k_rows), "v_proj": slice(q_rows + k_rows, None)}
+    grads = {name: None if dw_qkv is None else from_fused_rows(name, dw_qkv[part], head_dim).copy()
+             for name, part in rows.items()}
+    for (name, part, *_), adapter_cache in zip(adapters, adapter_caches):
+        dx_adapter, da, db = lora.delta_backward(d_qkv[..., part], adapter_cache)
+        dx += dx_adapter
+        grads[name] = lora.AdapterGrad(da, from_fused_rows(name, db, head_dim))
+    return dx, grads["q_proj"], grads["k_proj"], grads["v_proj"], dwo
 
 
 # ---- generation: attention over a KV cache (no backward needed) ---------------------------------
@@ -157,12 +207,12 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
-def forward_cached(x, w_qkv, wo, rotation, kv_cache, layer):
+def forward_cached(x, w_qkv, adapters, wo, rotation, kv_cache, layer):
     """Inference only: attention of the next T positions x: (B, T, D) to every position so far,
-    whose keys and values kv_cache holds (these are added to it). w_qkv: fused_qkv_weight(...);
-    rotation: (T, hd/2), the RoPE table of these T positions. Returns y: (B, T, D).
-    The caller advances kv_cache.length by T once every layer has run."""
-    q, k, v = _project(x, w_qkv, rotation, wo.shape[1] // (2 * rotation.shape[-1]))
+    whose keys and values kv_cache holds (these are added to it). w_qkv: fused_qkv_weight(...),
+    adapters: qkv_adapters(...); rotation: (T, hd/2), the RoPE table of these T positions.
+    Returns y: (B, T, D). The caller advances kv_cache.length by T once every layer has run."""
+    q, k, v, _ = _project(x, w_qkv, adapters, rotation, wo.shape[1] // (2 * rotation.shape[-1]))
     keys, values = kv_cache.append(layer, k, v)
     out, _ = _attend(q, keys, values, x.shape[1])
     return linear.forward(out, wo)[0]

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from . import attention, backend, dtypes, linear, rmsnorm, rope, swiglu
+from . import attention, backend, dtypes, linear, lora, rmsnorm, rope, swiglu
 from .model import BLOCK_PARAMS, EMBEDDING, FINAL_NORM, block_param_name, head_weight
 
 
@@ -73,7 +73,7 @@ class Decoder:
 
     def __init__(self, params, config, max_len, dtype=None):
         self.params, self.config = params, config
-        self.dtype = dtypes.resolve(dtype) if dtype is not None else _default_dtype(params[EMBEDDING])
+        self.dtype = dtypes.resolve(dtype) if dtype is not None else _default_dtype(lora.base(params[EMBEDDING]))
         if self.dtype == dtypes.BFLOAT16:
             raise GenerationError("NumPy and CuPy cannot compute in bf16; compute in fp32 (bf16 weights are widened)")
         xp = backend.xp()
@@ -85,14 +85,20 @@ class Decoder:
         self._layers = [self._prepare_layer(i) for i in range(config.num_hidden_layers)] if self.resident else None
         self._head = self._prepare_head() if self.resident else None
 
-    def _compute(self, array):
-        return backend.to_device(dtypes.compute_array(array, self.dtype))
+    def _compute(self, weight):
+        """A weight on the device in the compute dtype; a frozen one (lora.py) keeps its adapter."""
+        def ready(array):
+            return None if array is None else backend.to_device(dtypes.compute_array(array, self.dtype))
+        if isinstance(weight, lora.Frozen):
+            return lora.Frozen(ready(weight.weight), ready(weight.a), ready(weight.b), weight.scale)
+        return ready(weight)
 
     def _prepare_layer(self, layer):
         """A layer's weights in the compute dtype, q, k and v fused into one (attention.py)."""
         weights = {short: self._compute(self.params[block_param_name(layer, short)]) for short in BLOCK_PARAMS}
-        weights["qkv"] = attention.fused_qkv_weight(weights.pop("q_proj"), weights.pop("k_proj"),
-                                                    weights.pop("v_proj"), self.config.head_dim)
+        qkv = [weights.pop(short) for short in ("q_proj", "k_proj", "v_proj")]
+        weights["qkv_adapters"] = attention.qkv_adapters(*qkv, self.config.head_dim)
+        weights["qkv"] = lora.base(attention.fused_qkv_weight(*qkv, self.config.head_dim))
         return weights
 
     def _prepare_head(self):
@@ -103,7 +109,7 @@ class Decoder:
         if end > self.cache.max_len:
             raise GenerationError(f"{end} positions do not fit the KV cache of {self.cache.max_len}")
         eps = self.config.rms_norm_eps
-        x = self._compute(self.params[EMBEDDING][np.asarray(tokens)])[None]  # (1, T, D)
+        x = self._compute(lora.base(self.params[EMBEDDING])[np.asarray(tokens)])[None]  # (1, T, D)
         for layer in range(self.config.num_hidden_layers):
             weights = self._layers[layer] if self.resident else self._prepare_layer(layer)
             x = _block_step(x, weights, eps, self.rotation[start:end], self.cache, layer)
@@ -126,7 +132,8 @@ def _default_dtype(weight):
 def _block_step(x, weights, eps, rotation, cache, layer):
     """model.block_forward for the next positions over the KV cache, keeping nothing for backward."""
     normed, _ = rmsnorm.forward(x, weights["input_layernorm"], eps)
-    h = x + attention.forward_cached(normed, weights["qkv"], weights["o_proj"], rotation, cache, layer)
+    h = x + attention.forward_cached(normed, weights["qkv"], weights["qkv_adapters"], weights["o_proj"], rotation,
+                                     cache, layer)
     normed, _ = rmsnorm.forward(h, weights["post_attention_layernorm"], eps)
     mlp_out, _ = swiglu.forward(normed, weights["gate_proj"], weights["up_proj"], weights["down_proj"])
     return h + mlp_out

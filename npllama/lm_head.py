@@ -20,7 +20,7 @@ def forward(x, weight, targets):
 
     One (N, V) buffer serves as logits, then exponentials, then probabilities (kept for backward)."""
     xp = backend.array_module(x)
-    logits, _ = linear.forward(x, weight)
+    logits, head = linear.forward(x, weight)
     logits = logits.reshape(-1, weight.shape[0])                       # (N, V)
     targets = targets.reshape(-1)
     valid = targets != IGNORE_INDEX
@@ -33,17 +33,18 @@ def forward(x, weight, targets):
     sum_exp = probs.sum(axis=-1)
     loss = ((xp.log(sum_exp) - target_logits) * valid).sum() / n_valid
     probs /= sum_exp[:, None]
-    return loss, (x, weight, probs, targets, valid, n_valid)
+    return loss, (head, probs, targets, valid, n_valid)
 
 
 def backward(dloss, cache):
-    """Returns dx: (B, T, D), dW: (V, D)."""
-    x, weight, probs, targets, valid, n_valid = cache
+    """Returns dx: (B, T, D), dW: (V, D) (None when W is frozen, lora.py)."""
+    head, probs, targets, valid, n_valid = cache
+    x = head[0]
     xp = backend.array_module(probs)
     scale = float(dloss) / n_valid  # a Python float keeps the dtype of probs
     dlogits = probs * scale
     dlogits[~valid] = 0
     rows = xp.flatnonzero(valid)
     dlogits[rows, targets[rows]] -= scale
-    dx, dweight = linear.backward(dlogits.reshape(*x.shape[:-1], -1), (x, weight))
+    dx, dweight = linear.backward(dlogits.reshape(*x.shape[:-1], -1), head)
     return dx, dweight

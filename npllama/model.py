@@ -13,7 +13,7 @@ Parameters are a flat dict with HF transformers' names and (out, in) layouts; gr
 """
 import numpy as np
 
-from . import attention, backend, embedding, linear, lm_head, rmsnorm, rope, shards, swiglu
+from . import attention, backend, embedding, linear, lm_head, lora, rmsnorm, rope, shards, swiglu
 
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -113,15 +113,15 @@ def _check_tokens(tokens, config, xp):
 
 def hidden_states(params, config, tokens):
     """tokens: (B, T) ints -> the final normed hidden states h: (B, T, D)."""
-    tokens = _check_tokens(tokens, config, backend.array_module(params[EMBEDDING]))
+    tokens = _check_tokens(tokens, config, backend.array_module(lora.base(params[EMBEDDING])))
     return _run_stack(params, config, tokens, keep_caches=False)[0]
 
 
 def _run_stack(params, config, tokens, keep_caches):
     """h: (B, T, D) for checked tokens, and the caches for backward (None unless kept)."""
     weight = params[EMBEDDING]
-    xp = backend.array_module(weight)
-    rotation = rope.tables(config, np.arange(tokens.shape[1]), weight.dtype, xp)
+    xp = backend.array_module(lora.base(weight))
+    rotation = rope.tables(config, np.arange(tokens.shape[1]), lora.base(weight).dtype, xp)
     x, embed_cache = embedding.forward(weight, tokens)
     block_caches = []
     for layer in range(config.num_hidden_layers):
@@ -156,7 +156,7 @@ def _check_targets(targets, tokens, config, xp):
 def loss(params, config, tokens, targets):
     """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T), without
     gradients (evaluation). Returns a float."""
-    xp = backend.array_module(params[EMBEDDING])
+    xp = backend.array_module(lora.base(params[EMBEDDING]))
     tokens = _check_tokens(tokens, config, xp)
     targets, _ = _check_targets(targets, tokens, config, xp)
     h = _run_stack(params, config, tokens, keep_caches=False)[0]
@@ -166,14 +166,17 @@ def loss(params, config, tokens, targets):
 def loss_and_grads(params, config, tokens, targets):
     """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T),
     and its gradient for every parameter. Returns (loss: float, grads: dict like params).
+    Parameters wrapped in lora.Frozen get no gradient; their adapters' gradients are returned under
+    the adapters' names (lora.adapter_names).
 
     On the CPU the batch is split into one shard per core, computed at the same time (shards.py). The
     loss is a mean over valid targets, so each shard's loss and gradient count by its share of them."""
-    xp = backend.array_module(params[EMBEDDING])
+    xp = backend.array_module(lora.base(params[EMBEDDING]))
     tokens = _check_tokens(tokens, config, xp)
     targets, valid = _check_targets(targets, tokens, config, xp)
 
-    workers = backend.cpu_workers() if xp is np else 1
+    frozen = any(isinstance(value, lora.Frozen) for value in params.values())
+    workers = backend.cpu_workers() if xp is np and not frozen else 1  # the shard pool shares plain arrays
     split = np.array_split(np.arange(tokens.shape[0]), min(workers, tokens.shape[0]))
     row_groups = [rows for rows in split if valid[rows].any()]  # a shard with nothing to predict adds 0
     if len(row_groups) == 1:
@@ -198,8 +201,8 @@ def shard_loss_and_grads(params, config, tokens, targets, dloss=1.0):
         dx, block_grads = block_backward(dx, block_caches[layer])
         grads.update({block_param_name(layer, short): g for short, g in block_grads.items()})
     grads[EMBEDDING] = embedding.backward(dx, embed_cache)
-    if config.tie_word_embeddings:
-        grads[EMBEDDING] += d_head
-    else:
+    if not config.tie_word_embeddings:
         grads[LM_HEAD] = d_head
-    return float(loss), {name: grads[name] for name in params}
+    elif d_head is not None:
+        grads[EMBEDDING] += d_head
+    return float(loss), lora.named_grads({name: grads[name] for name in params})

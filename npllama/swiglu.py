@@ -24,27 +24,27 @@ def sigmoid(x):
 
 
 def forward(x, w_gate, w_up, w_down):
-    g, _ = linear.forward(x, w_gate)
-    u, _ = linear.forward(x, w_up)
+    g, gate = linear.forward(x, w_gate)
+    u, up = linear.forward(x, w_up)
     sig = sigmoid(g)
     a = g
     a *= sig                   # a = silu(g); g itself is not needed again
     h = a * u
-    y, _ = linear.forward(h, w_down)
-    return y, (x, u, sig, a, h, w_gate, w_up, w_down)
+    y, down = linear.forward(h, w_down)
+    return y, (u, sig, a, gate, up, down)
 
 
 def backward(dy, cache):
-    """Returns dx, dW_gate, dW_up, dW_down."""
-    x, u, sig, a, h, w_gate, w_up, w_down = cache
-    dh, dw_down = linear.backward(dy, (h, w_down))
+    """Returns dx, dW_gate, dW_up, dW_down (each None when frozen, a lora.AdapterGrad when adapted)."""
+    u, sig, a, gate, up, down = cache
+    dh, dw_down = linear.backward(dy, down)
     du = dh * a
     dg = 1 - sig
     dg *= a
     dg += sig                  # silu'(g)
     dg *= u
     dg *= dh
-    dx_gate, dw_gate = linear.backward(dg, (x, w_gate))
-    dx_up, dw_up = linear.backward(du, (x, w_up))
+    dx_gate, dw_gate = linear.backward(dg, gate)
+    dx_up, dw_up = linear.backward(du, up)
     dx_gate += dx_up
     return dx_gate, dw_gate, dw_up, dw_down

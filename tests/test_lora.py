@@ -1,0 +1,96 @@
+"""LoRA: the adapter's backward against finite differences (float64), frozen weights getting no
+gradient, the whole model with adapters, and merged adapters computing what unmerged ones do."""
+import numpy as np
+import pytest
+
+import npllama
+from npllama import backend, linear, lora
+from tests.gradcheck import numerical_grad, relative_error
+from tests.test_model_gradcheck import random_params
+
+CONFIG = npllama.LlamaConfig(vocab_size=13, hidden_size=16, intermediate_size=20, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+
+
+def random_adapters(params, targets, xp, rng, rank=3):
+    """Adapters with B not zero (a trained one), so every path through them is exercised."""
+    adapters = lora.init_adapters(params, CONFIG, targets, rank, alpha=6.0, seed=1)
+    return {name: xp.asarray(rng.standard_normal(value.shape) * 0.5) for name, value in adapters.items()}
+
+
+def test_adapted_linear_gradients(xp, rng):
+    x = xp.asarray(rng.standard_normal((2, 5, 7)))
+    weight = lora.Frozen(xp.asarray(rng.standard_normal((6, 7))), a=xp.asarray(rng.standard_normal((3, 7))),
+                         b=xp.asarray(rng.standard_normal((6, 3))), scale=1.7)
+    dy = xp.asarray(rng.standard_normal((2, 5, 6)))
+
+    def objective():
+        return float((linear.forward(x, weight)[0] * dy).sum())
+    y, cache = linear.forward(x, weight)
+    dx, grad = linear.backward(dy, cache)
+    assert isinstance(grad, lora.AdapterGrad)
+    for analytic, value in ((dx, x), (grad.a, weight.a), (grad.b, weight.b)):
+        assert relative_error(analytic, numerical_grad(objective, value)) < 1e-6
+    expected = x @ weight.weight.T + 1.7 * (x @ weight.a.T) @ weight.b.T
+    assert float(xp.abs(y - expected).max()) < 1e-12
+
+
+def test_frozen_weight_passes_dx_and_has_no_gradient(xp, rng):
+    x, w = xp.asarray(rng.standard_normal((4, 7))), xp.asarray(rng.standard_normal((6, 7)))
+    dy = xp.asarray(rng.standard_normal((4, 6)))
+    dx, grad = linear.backward(dy, linear.forward(x, lora.Frozen(w))[1])
+    assert grad is None and float(xp.abs(dx - dy @ w).max()) < 1e-12
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), lora.TARGETS], ids=["q,v", "all"])
+def test_model_gradients_reach_only_the_adapters(xp, rng, targets):
+    params = random_params(CONFIG, xp, rng)
+    adapters = random_adapters(params, targets, xp, rng)
+    attached = lora.attach(params, adapters, scale=2.0)
+    tokens, targets_ids = rng.integers(0, 13, (2, 2, 5))
+    loss, grads = npllama.loss_and_grads(attached, CONFIG, tokens, targets_ids)
+    assert sorted(grads) == sorted(adapters)  # no gradient for any base weight
+
+    def loss_only():
+        return npllama.loss_and_grads(attached, CONFIG, tokens, targets_ids)[0]
+    for name, value in adapters.items():
+        indices = rng.choice(value.size, size=4, replace=False)
+        numeric = numerical_grad(loss_only, value, indices)
+        assert np.abs(numeric).max() > 1e-4, name
+        assert relative_error(backend.to_host(grads[name]).reshape(-1)[indices], numeric) < 1e-6, name
+
+
+def test_new_adapters_change_nothing_until_trained(xp, rng):
+    params = random_params(CONFIG, xp, rng)
+    adapters = lora.init_adapters(params, CONFIG, ("q_proj", "v_proj"), rank=4, alpha=8, seed=0)
+    tokens = rng.integers(0, 13, (2, 6))
+    plain = npllama.forward(params, CONFIG, tokens)
+    assert float(xp.abs(npllama.forward(lora.attach(params, adapters, 2.0), CONFIG, tokens) - plain).max()) == 0
+    assert all(float(xp.abs(b).max()) == 0 for name, b in adapters.items() if "lora_B" in name)
+    assert all(float(xp.abs(a).max()) > 0 for name, a in adapters.items() if "lora_A" in name)
+
+
+def test_merged_and_unmerged_adapters_give_the_same_logits(rng):
+    params = npllama.init_params(CONFIG, seed=0)
+    adapters = {name: value.astype(np.float32) for name, value in
+                random_adapters(params, lora.TARGETS, np, rng).items()}
+    tokens = rng.integers(0, 13, (2, 9))
+    unmerged = npllama.forward(lora.attach(params, adapters, 0.5), CONFIG, tokens)
+    merged = npllama.forward(lora.merge(params, adapters, 0.5), CONFIG, tokens)
+    assert np.abs(merged - unmerged).max() <= 1e-5 * np.abs(unmerged).max()
+    assert np.abs(merged - npllama.forward(params, CONFIG, tokens)).max() > 1e-2  # the adapters matter
+
+
+def test_generation_applies_unmerged_adapters(rng):
+    params = npllama.init_params(CONFIG, seed=0)
+    params = {name: value * 10 if value.ndim == 2 else value for name, value in params.items()}
+    adapters = {name: value.astype(np.float32) for name, value in
+                random_adapters(params, ("q_proj", "v_proj", "down_proj"), np, rng).items()}
+    unmerged = npllama.generate(lora.attach(params, adapters, 0.5), CONFIG, [1, 2, 3], 12)
+    assert unmerged == npllama.generate(lora.merge(params, adapters, 0.5), CONFIG, [1, 2, 3], 12)
+    assert unmerged != npllama.generate(params, CONFIG, [1, 2, 3], 12)
+
+
+def test_unknown_targets_are_refused():
+    with pytest.raises(ValueError, match="LoRA targets must be among"):
+        lora.init_adapters(npllama.init_params(CONFIG), CONFIG, ("q_proj", "wq"), 2, 4, 0)
