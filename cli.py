@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from npllama import backend, data, generation, init_params, tokenizer as tokenizers, train as training, weights
+from npllama import (backend, data, dtypes, generation, init_params, lora, safetensors_file, tokenizer as tokenizers,
+                     train as training, weights)
 from npllama.config import PRESETS, ConfigError, LlamaConfig, human_count
 from npllama.safetensors_file import SafetensorsError
 
@@ -104,6 +105,23 @@ def export_hf(weights_path, outdir, force):
                    "to encode and decode", err=True)
 
 
+@main.command("merge-lora")
+@click.argument("weights_path", metavar="WEIGHTS")
+@click.argument("adapters_path", metavar="ADAPTERS")
+@click.option("--out", required=True, help="The standalone weights file to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def merge_lora(weights_path, adapters_path, out, force):
+    """Fold LoRA ADAPTERS (a run's adapters.safetensors) into WEIGHTS: W' = W + (alpha/r)·B A."""
+    _refuse_to_overwrite(out, force)
+    config, params, tokenizer = weights.load(weights_path)
+    adapters, info = weights.load_adapters(adapters_path, config)
+    stored = {name: dtypes.resolve(safetensors_file.dtype_and_shape(params, name)[0]) for name in params}
+    merged = lora.merge(training.trainable(params), training.trainable(adapters), info["alpha"] / info["rank"])
+    weights.save(out, config, {name: dtypes.convert(backend.to_host(merged[name]), stored[name]) for name in merged},
+                 tokenizer)
+    click.echo(f"wrote {out}: {len(adapters) // 2} adapters of rank {info['rank']} merged into {weights_path}")
+
+
 def _parse_ids(text):
     try:
         return [int(part) for part in text.replace(",", " ").split()]
@@ -126,13 +144,17 @@ def _parse_ids(text):
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
               help="Compute dtype; auto: fp32 on the CPU, fp16 weights stay fp16 on a GPU.")
 @click.option("--tokenizer", "tokenizer_path", help="A SentencePiece .model to use instead of the embedded one.")
+@click.option("--lora", "lora_path", help="LoRA adapters (a run's adapters.safetensors) to apply, unmerged.")
 def generate_command(weights_path, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, device,
-                     dtype, tokenizer_path):
+                     dtype, tokenizer_path, lora_path):
     """Continue a prompt, streaming text to stdout; a summary line goes to stderr."""
     if (prompt is None) == (prompt_ids is None):
         raise click.ClickException("give exactly one of --prompt and --prompt-ids")
     backend.use(device)
     config, params, tokenizer = weights.load(weights_path, tokenizer_path)
+    if lora_path:
+        adapters, info = weights.load_adapters(lora_path, config)
+        params = lora.attach(params, adapters, info["alpha"] / info["rank"])
     if prompt is not None and tokenizer is None:
         raise click.ClickException(f"{weights_path} has no tokenizer: pass --tokenizer PATH.model, "
                                    "or give token ids with --prompt-ids")
@@ -172,7 +194,18 @@ DEFAULT_SHAPE = "shakespeare-char"  # nanoGPT's CPU recipe as a Llama; the vocab
 MODEL_FLAGS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
                "n_kv_heads": "num_key_value_heads", "hidden": "intermediate_size",
                "context": "max_position_embeddings", "tied": "tie_word_embeddings"}
-TRAIN_FLAGS = [field.name for field in dataclasses.fields(training.TrainSettings) if field.name != "decay_iters"]
+TRAIN_FLAGS = [field.name for field in dataclasses.fields(training.TrainSettings)
+               if field.name not in ("decay_iters", "init")]
+
+
+def _lora_targets(ctx, param, value):
+    """'q,v' or 'q_proj,v_proj' -> ('q_proj', 'v_proj')."""
+    targets = tuple(name if name.endswith("_proj") else f"{name}_proj" for name in value.replace(" ", "").split(",")
+                    if name)
+    unknown = [name for name in targets if name not in lora.TARGETS]
+    if unknown or not targets:
+        raise click.BadParameter(f"choose among {', '.join(t[:-len('_proj')] for t in lora.TARGETS)}, got {value!r}")
+    return targets
 
 
 def _given(ctx, name):
@@ -219,6 +252,12 @@ def _given(ctx, name):
 @click.option("--device", type=click.Choice(backend.DEVICES), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
               help="Parameters and optimizer state.")
+@click.option("--lora-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --init: train LoRA adapters of this rank on the frozen model (0: train every weight).")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True),
+              help="Adapters are scaled by alpha / rank (default alpha = rank).")
+@click.option("--lora-targets", default="q,v", show_default=True, callback=_lora_targets,
+              help="Projections that get adapters, among q,k,v,o,gate,up,down.")
 @click.pass_context
 def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force, preset, **flags):
     """Train a Llama on a text file: checkpoints, log.csv and curves.png in the run directory."""
@@ -226,7 +265,8 @@ def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force,
     model_flags = {name: flags.pop(name) for name in MODEL_FLAGS}
     if init_path:  # the model's shape is given; --context only shortens the training windows
         flags["context"] = model_flags.pop("context")
-    settings = training.TrainSettings(**{name: flags.get(name) for name in TRAIN_FLAGS})
+    settings = training.TrainSettings(**{name: flags.get(name) for name in TRAIN_FLAGS},
+                                      init=os.path.abspath(init_path) if init_path else None)
     data_path = data_path or data.BUILTIN_CORPUS
     out = out or os.path.join("runs", os.path.splitext(os.path.basename(data_path))[0])
     if os.path.exists(out) and not os.path.isdir(out):
@@ -239,10 +279,14 @@ def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force,
         if (preset or any(v is not None for v in model_flags.values())) and init_path:
             raise click.ClickException("--init takes the model's own shape: drop --preset and the model flags "
                                        "(--context may shorten the training windows)")
-        if os.path.exists(os.path.join(out, training.MODEL_FILE)) and not force:
+        if os.path.exists(os.path.join(out, training.OPTIMIZER_FILE)) and not force:
             raise click.ClickException(f"{out} already holds a training run; pass --resume to continue it, "
                                        "or --force to start over")
         run = _start_in_new_directory(out, data_path, tokenizer_spec, init_path, preset, model_flags, settings)
+    if run.settings.lora_rank:
+        trained = sum(int(value.size) for value in run.params.values())
+        click.echo(f"LoRA rank {run.settings.lora_rank} (alpha {run.settings.lora_alpha:g}) on "
+                   f"{', '.join(run.settings.lora_targets)}: {human_count(trained)} trained parameters")
     click.echo(f"{out}: {human_count(run.config.num_parameters())} parameters, {run.tokenizer.describe()}, "
                f"{len(run.train_ids):,} training and {len(run.val_ids):,} validation tokens; "
                f"step {run.step} of {run.settings.max_iters}; {backend.describe()}")
@@ -285,8 +329,12 @@ def _start(out, data_path, tokenizer_spec, init_path, preset, model_flags, setti
         params = init_params(config, seed=settings.seed)
     ids, info = _read_data(text, data_path, tokenizer, out,
                            f"the tokenizer of {init_path}" if init_path else "the tokenizer")
-    return training.TrainingRun(out, config, training.trainable(params, settings.dtype), tokenizer, settings,
-                                ids, info)
+    params = training.trainable(params, settings.dtype)
+    if not settings.lora_rank:
+        return training.TrainingRun(out, config, params, tokenizer, settings, ids, info)
+    adapters = lora.init_adapters(params, config, settings.lora_targets, settings.lora_rank, settings.lora_alpha,
+                                  settings.seed)
+    return training.TrainingRun(out, config, adapters, tokenizer, settings, ids, info, base_params=params)
 
 
 RESUME_ADJUSTABLE = ("max_iters", "eval_interval", "eval_iters", "sample_tokens")  # no effect on the updates
@@ -299,7 +347,8 @@ def _resume(ctx, out, data_path, settings):
         flag = "--" + fixed[0].replace("_spec", "").replace("_path", "").replace("_", "-")
         raise click.ClickException(f"--resume continues with the run's own settings; {flag} cannot change "
                                    f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_ADJUSTABLE)} can)")
-    config, params, tokenizer, optimizer, state = training.load_checkpoint(out)
+    checkpoint = training.load_checkpoint(out)
+    state = checkpoint.state
     saved = training.TrainSettings(**state["settings"])
     for name in RESUME_ADJUSTABLE:  # e.g. train longer: the cosine still ends at the saved decay_iters
         if _given(ctx, name):
@@ -307,11 +356,12 @@ def _resume(ctx, out, data_path, settings):
     if saved.max_iters < state["step"]:
         raise click.ClickException(f"--max-iters {saved.max_iters} is below the run's step {state['step']}")
     data_path = data_path or state["data"]["path"]
-    ids, info = _read_data(data.read_text(data_path), data_path, tokenizer, out)
+    ids, info = _read_data(data.read_text(data_path), data_path, checkpoint.tokenizer, out)
     if info["sha256"] != state["data"]["sha256"]:
         raise click.ClickException(f"{info['path']} is not the text this run was trained on (its contents differ)")
-    return training.TrainingRun(out, config, params, tokenizer, saved, ids, info, optimizer, state["step"],
-                                state["rng_state"], state.get("elapsed_seconds", 0.0))
+    return training.TrainingRun(out, checkpoint.config, checkpoint.params, checkpoint.tokenizer, saved, ids, info,
+                                checkpoint.optimizer, state["step"], state["rng_state"],
+                                state.get("elapsed_seconds", 0.0), checkpoint.base_params)
 
 
 def _train_with_progress(run, out):
@@ -345,8 +395,7 @@ def _train_with_progress(run, out):
                    f"`python cli.py train --out {out} --resume`", err=True)
         sys.exit(130)
     curves = training.plot_curves(out)
-    click.echo(f"done: step {run.step}; wrote {os.path.join(out, training.MODEL_FILE)} and "
-               f"{os.path.join(out, training.LOG_FILE)}")
+    click.echo(f"done: step {run.step}; wrote {run.checkpoint_file} and {os.path.join(out, training.LOG_FILE)}")
     click.echo(f"wrote {curves}" if curves else "matplotlib is not installed: no curves.png "
                "(pip install matplotlib); the losses are in log.csv")
 

@@ -26,10 +26,11 @@ import time
 
 import numpy as np
 
-from . import adamw, backend, data, dtypes, generation, safetensors_file, weights
+from . import adamw, backend, data, dtypes, generation, lora, safetensors_file, weights
 from .model import loss, loss_and_grads
 
 MODEL_FILE, OPTIMIZER_FILE, LOG_FILE, CURVES_FILE = "model.safetensors", "optimizer.safetensors", "log.csv", "curves.png"
+ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's checkpoint: the adapters alone
 STEP_KEY, TRAIN_KEY = "npllama.train_step", "npllama.train"
 LOG_FIELDS = ["step", "lr", "loss", "grad_norm", "tokens_per_second", "elapsed_seconds", "train_loss", "val_loss"]
 
@@ -58,11 +59,22 @@ class TrainSettings:
     sample_tokens: int = 200
     dtype: str = "fp32"
     context: int = None  # tokens per training window; None: the model's max_position_embeddings
+    init: str = None  # the weights training started from (a LoRA run needs them to resume)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on frozen weights
+    lora_alpha: float = None  # adapters scale by alpha / rank; None: alpha = rank
+    lora_targets: tuple = ("q_proj", "v_proj")
 
     def __post_init__(self):
         if self.decay_iters is None:
             self.decay_iters = self.max_iters
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.lora_rank)
+        self.lora_targets = tuple(self.lora_targets)
         self.validate()
+
+    @property
+    def lora_scale(self):
+        return self.lora_alpha / self.lora_rank
 
     def validate(self):
         positive = ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters")
@@ -81,6 +93,13 @@ class TrainSettings:
                 raise TrainError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise TrainError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.lora_rank < 0:
+            raise TrainError(f"--lora-rank must not be negative, got {self.lora_rank}")
+        if self.lora_rank and not self.init:
+            raise TrainError("--lora-rank trains adapters on a pretrained model: give its weights with --init")
+        unknown = set(self.lora_targets) - set(lora.TARGETS)
+        if unknown or not self.lora_targets:
+            raise TrainError(f"--lora-targets must be among {', '.join(lora.TARGETS)}, got {', '.join(self.lora_targets)}")
 
 
 @dataclasses.dataclass
@@ -116,11 +135,15 @@ def accumulated_loss_and_grads(params, config, micro_batches):
 
 
 class TrainingRun:
-    """One run: model, tokenizer, optimizer, data order and step, saved and restored as a whole."""
+    """One run: model, tokenizer, optimizer, data order and step, saved and restored as a whole.
+
+    params are what the optimizer trains: the model's parameters, or in a LoRA run the adapters, which
+    are attached to the frozen base_params (lora.py) to make the model's weights."""
 
     def __init__(self, directory, config, params, tokenizer, settings, ids, data_info,
-                 optimizer=None, step=0, rng_state=None, elapsed=0.0):
+                 optimizer=None, step=0, rng_state=None, elapsed=0.0, base_params=None):
         self.directory, self.config, self.params, self.tokenizer = directory, config, params, tokenizer
+        self.model_params = lora.attach(base_params, params, settings.lora_scale) if settings.lora_rank else params
         self.settings, self.data_info = settings, data_info
         os.makedirs(directory, exist_ok=True)
         if settings.context is not None and settings.context > config.max_position_embeddings:
@@ -153,7 +176,7 @@ class TrainingRun:
         lr = adamw.learning_rate(self.step, s.lr, s.min_lr, s.warmup, s.decay_iters)
         batches = [data.random_batch(self.train_ids, s.batch_size, self.context, self.rng)
                    for _ in range(s.grad_accum)]
-        step_loss, grads = accumulated_loss_and_grads(self.params, self.config, batches)
+        step_loss, grads = accumulated_loss_and_grads(self.model_params, self.config, batches)
         norm = adamw.clip_grad_norm(grads, s.grad_clip or None)
         if math.isfinite(step_loss) and math.isfinite(norm):
             self.optimizer.step(self.params, grads, lr=lr)
@@ -172,7 +195,7 @@ class TrainingRun:
             if len(ids) == 0:
                 means[split] = None
                 continue
-            losses = [loss(self.params, self.config, *data.random_batch(ids, self.settings.batch_size,
+            losses = [loss(self.model_params, self.config, *data.random_batch(ids, self.settings.batch_size,
                                                                          self.context, rng))
                       for _ in range(self.settings.eval_iters)]
             means[split] = float(np.mean(losses))
@@ -184,14 +207,18 @@ class TrainingRun:
         if self.settings.sample_tokens == 0:
             return ""
         start = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else int(self.train_ids[0])]
-        new = generation.generate(self.params, self.config, start, min(self.settings.sample_tokens, self.context - 1),
+        new = generation.generate(self.model_params, self.config, start, min(self.settings.sample_tokens, self.context - 1),
                                   temperature=0.8,
                                   top_k=200, seed=self.settings.seed + self.step, eos_id=self.tokenizer.eos_id)
         return self.tokenizer.decode(start + new)
 
     # ---- checkpoints --------------------------------------------------------------------------------
+    @property
+    def checkpoint_file(self):
+        return os.path.join(self.directory, ADAPTERS_FILE if self.settings.lora_rank else MODEL_FILE)
+
     def save(self):
-        """Write the optimizer state, then the model; both record the step (written atomically)."""
+        """Write the optimizer state, then the model (or the adapters); both record the step (atomically)."""
         state = self.optimizer.state_dict()
         tensors = {f"{kind}/{name}": backend.to_host(state[kind][name]) for kind in ("m", "v") for name in state[kind]}
         train_state = {"step": self.step, "rng_state": self.rng.bit_generator.state,
@@ -200,8 +227,12 @@ class TrainingRun:
                        "optimizer": {key: state[key] for key in state if key not in ("m", "v")}}
         safetensors_file.write(os.path.join(self.directory, OPTIMIZER_FILE), tensors,
                                {TRAIN_KEY: json.dumps(train_state)})
-        weights.save(os.path.join(self.directory, MODEL_FILE), self.config, self.params, self.tokenizer,
-                     metadata={STEP_KEY: str(self.step)})
+        if self.settings.lora_rank:
+            weights.save_adapters(self.checkpoint_file, self.params, self.settings.lora_rank, self.settings.lora_alpha,
+                                  self.settings.lora_targets, metadata={STEP_KEY: str(self.step), "base": self.settings.init})
+        else:
+            weights.save(self.checkpoint_file, self.config, self.params, self.tokenizer,
+                         metadata={STEP_KEY: str(self.step)})
         self.saved_step = self.step
 
 
@@ -212,34 +243,52 @@ def _read_safetensors(path):
         raise TrainError(str(error)) from None
 
 
+@dataclasses.dataclass
+class Checkpoint:
+    config: object
+    params: dict          # what the optimizer trains (the model, or a LoRA run's adapters)
+    tokenizer: object
+    optimizer: object
+    state: dict           # step, rng_state, settings, data, elapsed_seconds
+    base_params: dict = None  # a LoRA run's frozen model
+
+
 def load_checkpoint(directory):
-    """(config, params, tokenizer, optimizer, train_state) of a run directory's last checkpoint."""
-    model_path, optimizer_path = (os.path.join(directory, name) for name in (MODEL_FILE, OPTIMIZER_FILE))
-    for path in (model_path, optimizer_path):
-        if not os.path.isfile(path):
-            raise TrainError(f"--resume: {directory} has no checkpoint ({os.path.basename(path)} is missing)")
-    config, params, tokenizer = weights.load(model_path)
-    model_step = safetensors_file.read(model_path)[0].get(STEP_KEY)
+    """The last checkpoint of a run directory."""
+    optimizer_path = os.path.join(directory, OPTIMIZER_FILE)
+    if not os.path.isfile(optimizer_path):
+        raise TrainError(f"--resume: {directory} has no checkpoint ({OPTIMIZER_FILE} is missing)")
     metadata, tensors = _read_safetensors(optimizer_path)
     try:
-        train_state = json.loads(metadata[TRAIN_KEY])
-        settings = TrainSettings(**train_state["settings"])
-        complete = {"step", "rng_state", "data", "optimizer"} <= train_state.keys()
+        state = json.loads(metadata[TRAIN_KEY])
+        settings = TrainSettings(**state["settings"])
+        complete = {"step", "rng_state", "data", "optimizer"} <= state.keys()
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
         complete = False
     if not complete:
         raise TrainError(f"{optimizer_path} is not an npllama training checkpoint")
-    if model_step is None:
-        raise TrainError(f"{model_path} is not a training checkpoint (it records no training step)")
-    if int(model_step) != train_state["step"]:
-        raise TrainError(f"{directory}: the model is at step {model_step} but the optimizer at step "
-                         f"{train_state['step']} (a checkpoint was interrupted); cannot resume exactly")
-    params = trainable(params, settings.dtype)
+    checkpoint_path = os.path.join(directory, ADAPTERS_FILE if settings.lora_rank else MODEL_FILE)
+    if not os.path.isfile(checkpoint_path):
+        raise TrainError(f"--resume: {directory} has no checkpoint ({os.path.basename(checkpoint_path)} is missing)")
+    checkpoint_step = _read_safetensors(checkpoint_path)[0].get(STEP_KEY)
+    if checkpoint_step is None:
+        raise TrainError(f"{checkpoint_path} is not a training checkpoint (it records no training step)")
+    if int(checkpoint_step) != state["step"]:
+        raise TrainError(f"{directory}: the model is at step {checkpoint_step} but the optimizer at step "
+                         f"{state['step']} (a checkpoint was interrupted); cannot resume exactly")
+    base_params = None
+    if settings.lora_rank:
+        config, base, tokenizer = weights.load(settings.init)
+        base_params = trainable(base, settings.dtype)
+        params = trainable(weights.load_adapters(checkpoint_path, config)[0], settings.dtype)
+    else:
+        config, params, tokenizer = weights.load(checkpoint_path)
+        params = trainable(params, settings.dtype)
     optimizer = adamw.AdamW(settings.lr, (settings.beta1, settings.beta2), weight_decay=settings.weight_decay)
-    optimizer.load_state_dict({**train_state["optimizer"],
+    optimizer.load_state_dict({**state["optimizer"],
                                **{kind: {name: backend.to_device(np.array(tensors[f"{kind}/{name}"]))
                                          for name in params if f"{kind}/{name}" in tensors} for kind in ("m", "v")}})
-    return config, params, tokenizer, optimizer, train_state
+    return Checkpoint(config, params, tokenizer, optimizer, state, base_params)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------

@@ -199,6 +199,42 @@ def _human_bytes(size):
     return f"{size:.4g} TiB"
 
 
+# ---- LoRA adapters --------------------------------------------------------------------------------------
+ADAPTERS_KEY = "npllama.lora"
+
+
+def save_adapters(path, adapters, rank, alpha, targets, metadata=None):
+    """A small safetensors file of LoRA adapters (lora.adapter_names -> A or B) and, in its metadata,
+    their rank, alpha and targets (written atomically)."""
+    info = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    safetensors_file.write(path, {name: backend.to_host(value) for name, value in adapters.items()},
+                           {**(metadata or {}), ADAPTERS_KEY: json.dumps(info)})
+
+
+def load_adapters(path, config=None):
+    """(adapters: name -> array, info: {"rank", "alpha", "targets"}) from save_adapters' file; with a
+    config, checks that every adapter fits a weight of that model."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such file")
+    metadata, adapters = _read_safetensors(path)
+    try:
+        info = json.loads(metadata[ADAPTERS_KEY])
+        rank, alpha = int(info["rank"]), float(info["alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise WeightsError(f"{path}: not an npllama LoRA adapters file") from None
+    if config is not None:
+        shapes = parameter_shapes(config)
+        for name, value in adapters.items():
+            weight = name.replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")
+            if weight not in shapes:
+                raise WeightsError(f"{path}: adapter {name} belongs to no weight of this model")
+            out, inputs = shapes[weight]
+            expected = (rank, inputs) if ".lora_A." in name else (out, rank)
+            if tuple(value.shape) != expected:
+                raise WeightsError(f"{path}: adapter {name} has shape {tuple(value.shape)}, this model needs {expected}")
+    return adapters, {**info, "rank": rank, "alpha": alpha}
+
+
 # ---- HF checkpoint directory -------------------------------------------------------------------------
 def _read_hf(directory):
     config_path = os.path.join(directory, "config.json")

@@ -1,5 +1,7 @@
 """LoRA: the adapter's backward against finite differences (float64), frozen weights getting no
 gradient, the whole model with adapters, and merged adapters computing what unmerged ones do."""
+import os
+
 import numpy as np
 import pytest
 
@@ -94,3 +96,98 @@ def test_generation_applies_unmerged_adapters(rng):
 def test_unknown_targets_are_refused():
     with pytest.raises(ValueError, match="LoRA targets must be among"):
         lora.init_adapters(npllama.init_params(CONFIG), CONFIG, ("q_proj", "wq"), 2, 4, 0)
+
+
+# ---- training adapters, merging, generating through the CLI -------------------------------------------
+def test_lora_train_resume_merge_and_generate(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+    from npllama import train, weights
+    from tests.test_train import RUN_FLAGS, TEXT, TINY_FLAGS
+
+    def cli(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+    (tmp_path / "input.txt").write_text(TEXT)
+    data = ["--data", tmp_path / "input.txt"]
+    cli("train", *data, "--out", tmp_path / "base", "--max-iters", 6, *TINY_FLAGS)
+    base = tmp_path / "base" / train.MODEL_FILE
+    lora_flags = ["--init", base, "--lora-rank", 2, "--lora-alpha", 4, "--lora-targets", "q,v,down",
+                  "--lr", 0.01, *RUN_FLAGS]
+    trained = cli("train", *data, "--out", tmp_path / "straight", "--max-iters", 10, *lora_flags)
+    assert "LoRA rank 2 (alpha 4) on q_proj, v_proj, down_proj" in trained.stdout
+    assert sorted(os.listdir(tmp_path / "straight")) == ["adapters.safetensors", "log.csv", "optimizer.safetensors",
+                                                          next(n for n in os.listdir(tmp_path / "straight") if n.startswith("tokens-"))]
+    adapters, info = weights.load_adapters(str(tmp_path / "straight" / train.ADAPTERS_FILE))
+    assert info == {"rank": 2, "alpha": 4.0, "targets": ["q_proj", "v_proj", "down_proj"]}
+    assert len(adapters) == 2 * 3  # one layer, three targets, A and B
+    assert any(float(np.abs(value).max()) > 0 for name, value in adapters.items() if "lora_B" in name)  # trained
+
+
+    merged = tmp_path / "merged.safetensors"
+    cli("merge-lora", base, tmp_path / "straight" / train.ADAPTERS_FILE, "--out", merged)
+    with_lora = cli("generate", "--weights", base, "--lora", tmp_path / "straight" / train.ADAPTERS_FILE,
+                    "--prompt", "First", "-n", 10)
+    assert cli("generate", "--weights", merged, "--prompt", "First", "-n", 10).stdout == with_lora.stdout
+    assert cli("generate", "--weights", base, "--prompt", "First", "-n", 10).stdout != with_lora.stdout
+
+
+def test_an_interrupted_adapter_run_resumes_exactly(tmp_path):
+    from npllama import train
+    from tests.test_train import TEXT, logged_losses, tiny_run
+
+    base = tiny_run(tmp_path / "base", max_iters=3)
+    train.run(base)
+    settings = dict(lora_rank=2, lora_targets=("q_proj", "o_proj", "up_proj"), init=str(base.checkpoint_file),
+                    max_iters=10, lr=1e-2)
+
+    def adapter_run(directory):
+        config, params, tokenizer = npllama.load(base.checkpoint_file)
+        run_settings = train.TrainSettings(**{**vars(base.settings), "decay_iters": None, **settings})
+        params = train.trainable(params)
+        adapters = lora.init_adapters(params, config, settings["lora_targets"], 2, 2.0, run_settings.seed)
+        return train.TrainingRun(str(directory), config, adapters, tokenizer, run_settings,
+                                 np.array(tokenizer.encode(TEXT), np.uint16), base.data_info, base_params=params)
+    straight = adapter_run(tmp_path / "straight")
+    train.run(straight)
+    first = adapter_run(tmp_path / "cut")
+    train.run(first, should_stop=lambda: first.step == 6)
+    saved = train.load_checkpoint(str(tmp_path / "cut"))
+    resumed = train.TrainingRun(str(tmp_path / "cut"), saved.config, saved.params, saved.tokenizer,
+                                train.TrainSettings(**saved.state["settings"]),
+                                np.array(saved.tokenizer.encode(TEXT), np.uint16), saved.state["data"],
+                                saved.optimizer, saved.state["step"], saved.state["rng_state"],
+                                base_params=saved.base_params)
+    train.run(resumed)
+    assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "straight")
+    for name in straight.params:
+        assert np.array_equal(resumed.params[name], straight.params[name]), name
+
+
+def test_lora_bad_inputs(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+    from npllama import train, weights
+    from tests.test_train import TEXT, TINY_FLAGS, assert_one_clear_line
+
+    def cli(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+    (tmp_path / "input.txt").write_text(TEXT)
+    assert_one_clear_line(cli("train", "--data", tmp_path / "input.txt", "--out", tmp_path / "r", "--lora-rank", 2,
+                              *TINY_FLAGS), "give its weights with --init")
+    bad_targets = cli("train", "--data", tmp_path / "input.txt", "--lora-targets", "q,wq")
+    assert bad_targets.exit_code == 2 and "choose among q, k, v, o, gate, up, down" in bad_targets.stderr
+
+    small = npllama.init_params(CONFIG)
+    weights.save(tmp_path / "small.safetensors", CONFIG, small)
+    other = npllama.LlamaConfig(**{**CONFIG.to_dict(), "hidden_size": 8, "intermediate_size": 12})
+    adapters = lora.init_adapters(npllama.init_params(other), other, ("q_proj",), 2, 2, 0)
+    weights.save_adapters(tmp_path / "other.safetensors", adapters, 2, 2.0, ("q_proj",))
+    assert_one_clear_line(cli("merge-lora", tmp_path / "small.safetensors", tmp_path / "other.safetensors",
+                              "--out", tmp_path / "m.safetensors"), "this model needs (2, 16)")
+    assert_one_clear_line(cli("generate", "--weights", tmp_path / "small.safetensors", "--lora",
+                              tmp_path / "small.safetensors", "--prompt-ids", "1"), "not an npllama LoRA adapters file")
+    assert not (tmp_path / "m.safetensors").exists() and train.ADAPTERS_FILE not in os.listdir(tmp_path)

@@ -68,11 +68,12 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tm
 
     first = tiny_run(tmp_path / "resumed", grad_accum=2)
     assert train.run(first, should_stop=lambda: first.step == 7) == "interrupted"
-    config, params, tokenizer, optimizer, state = train.load_checkpoint(str(tmp_path / "resumed"))
-    assert state["step"] == 7
-    resumed = train.TrainingRun(str(tmp_path / "resumed"), config, params, tokenizer,
-                                train.TrainSettings(**state["settings"]), np.array(tokenizer.encode(TEXT), np.uint16),
-                                state["data"], optimizer, state["step"], state["rng_state"])
+    saved = train.load_checkpoint(str(tmp_path / "resumed"))
+    assert saved.state["step"] == 7
+    resumed = train.TrainingRun(str(tmp_path / "resumed"), saved.config, saved.params, saved.tokenizer,
+                                train.TrainSettings(**saved.state["settings"]),
+                                np.array(saved.tokenizer.encode(TEXT), np.uint16), saved.state["data"],
+                                saved.optimizer, saved.state["step"], saved.state["rng_state"])
     assert train.run(resumed) == "done"
 
     assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "straight")
