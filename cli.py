@@ -9,15 +9,17 @@ import signal
 import sys
 
 import click
+import numpy as np
 
-from npllama import (backend, data, dtypes, generation, init_params, lora, safetensors_file, tokenizer as tokenizers,
-                     train as training, weights)
+from npllama import (backend, classify, data, dtypes, generation, init_params, lora, safetensors_file,
+                     tokenizer as tokenizers, train as training, weights)
 from npllama.config import PRESETS, ConfigError, LlamaConfig, human_count
 from npllama.safetensors_file import SafetensorsError
 
 # Errors that mean bad input: printed as one line ("Error: ..."), exit status 1, no traceback.
 USER_ERRORS = (weights.WeightsError, generation.GenerationError, tokenizers.TokenizerError,
-               backend.BackendError, ConfigError, SafetensorsError, data.DataError, training.TrainError)
+               backend.BackendError, ConfigError, SafetensorsError, data.DataError, training.TrainError,
+               classify.ClassifyError)
 
 
 class _Commands(click.Group):
@@ -398,6 +400,68 @@ def _train_with_progress(run, out):
     click.echo(f"done: step {run.step}; wrote {run.checkpoint_file} and {os.path.join(out, training.LOG_FILE)}")
     click.echo(f"wrote {curves}" if curves else "matplotlib is not installed: no curves.png "
                "(pip install matplotlib); the losses are in log.csv")
+
+
+@main.command("classify")
+@click.option("--weights", "weights_path", required=True, help="A weights file or HF checkpoint directory.")
+@click.option("--mode", type=click.Choice(["zero-shot", "finetune"]), required=True)
+@click.option("--train", "train_path", help="Training examples, `label ||| text` lines (finetune).")
+@click.option("--dev", "dev_path", required=True, help="Development examples: accuracy each epoch, best epoch kept.")
+@click.option("--test", "test_path", help="Test examples (accuracy printed when they carry labels).")
+@click.option("--label-names", "label_names_path", required=True, help="A JSON list of the label names.")
+@click.option("--lora-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Finetune LoRA adapters (on q and v) of this rank instead of every weight.")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), help="Default: the rank.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--context", type=click.IntRange(min=2), help="Tokens kept per text (its end). Default: the model's.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dev-out", help="Write the dev predictions here, one label index per line.")
+@click.option("--test-out", help="Write the test predictions here, one label index per line.")
+@click.option("--device", type=click.Choice(backend.DEVICES), default="auto", show_default=True)
+def classify_command(weights_path, mode, train_path, dev_path, test_path, label_names_path, lora_rank, lora_alpha,
+                     epochs, lr, batch_size, context, seed, dev_out, test_out, device):
+    """Classify texts with a Llama: zero-shot (label names scored as completions) or fine-tuned (a head on
+    the last token's hidden state, training the whole model or LoRA adapters)."""
+    backend.use(device)
+    names = classify.read_label_names(label_names_path)
+    if mode == "finetune" and not train_path:
+        raise click.ClickException("--mode finetune needs --train examples")
+    splits = {"train": train_path if mode == "finetune" else None, "dev": dev_path, "test": test_path}
+    examples = {split: classify.read_examples(path, names) for split, path in splits.items() if path}
+    config, params, tokenizer = weights.load(weights_path)
+    if tokenizer is None:
+        raise click.ClickException(f"{weights_path} has no tokenizer to read the texts with")
+    for split, rows in examples.items():
+        classify.check_coverage(tokenizer, rows, splits[split])
+    params = training.trainable(params)
+    counts = np.bincount([label for label, _ in examples["dev"]], minlength=len(names))
+    click.echo(f"dev: {len(examples['dev'])} examples, majority-class baseline {counts.max() / counts.sum():.3f}")
+    if mode == "zero-shot":
+        predict = {split: _zero_shot(params, config, tokenizer, rows, names, batch_size)
+                   for split, rows in examples.items()}
+    else:
+        window = min(context or config.max_position_embeddings, config.max_position_embeddings)
+        encoded = {split: [(label, classify.encode(tokenizer, text, window)) for label, text in rows]
+                   for split, rows in examples.items()}
+        tuned = classify.finetune(params, config, encoded["train"], encoded["dev"], len(names), epochs, lr, batch_size,
+                                  lora_rank, lora_alpha, seed,
+                                  on_epoch=lambda epoch, accuracy: click.echo(f"epoch {epoch}: dev accuracy {accuracy:.3f}"))
+        click.echo(f"best epoch {tuned.best_epoch}")
+        predict = {split: classify.predict(tuned.params, config, tuned.head, [ids for _, ids in rows], batch_size)
+                   for split, rows in encoded.items() if split != "train"}
+    for split, out in (("dev", dev_out), ("test", test_out)):
+        if split in predict:
+            labels = [label for label, _ in examples[split]]
+            click.echo(f"{split} accuracy {classify.accuracy_of(predict[split], labels):.3f} ({len(labels)} examples)")
+            if out:
+                classify.write_predictions(out, predict[split])
+
+
+def _zero_shot(params, config, tokenizer, rows, names, batch_size):
+    scores = classify.zero_shot_scores(params, config, tokenizer, [text for _, text in rows], names, batch_size)
+    return [int(i) for i in scores.argmax(axis=1)]
 
 
 @main.command("eval")

@@ -191,18 +191,31 @@ def loss_and_grads(params, config, tokens, targets):
 def shard_loss_and_grads(params, config, tokens, targets, dloss=1.0):
     """The loss of one shard, on checked inputs, and the gradient of dloss × that loss: a shard
     holding this share of the batch's valid targets adds share × its gradient to the batch's."""
-    h, (embed_cache, block_caches, norm_cache) = _run_stack(params, config, tokens, keep_caches=True)
+    h, caches = _run_stack(params, config, tokens, keep_caches=True)
     loss, head_cache = lm_head.forward(h, head_weight(params, config), targets)
-
-    grads = {}
     dh, d_head = lm_head.backward(dloss, head_cache)
+    head = {LM_HEAD: d_head} if not config.tie_word_embeddings else {EMBEDDING: d_head}
+    return float(loss), stack_backward(params, config, dh, caches, head)
+
+
+def hidden_states_for_training(params, config, tokens):
+    """tokens: (B, T) -> the final normed hidden states h: (B, T, D), and the caches that
+    stack_backward needs to turn a gradient dh of any loss of h into the parameters' gradients."""
+    tokens = _check_tokens(tokens, config, backend.array_module(lora.base(params[EMBEDDING])))
+    return _run_stack(params, config, tokens, keep_caches=True)
+
+
+def stack_backward(params, config, dh, caches, extra=None):
+    """The backward pass of _run_stack: dh (B, T, D) -> grads by name (lora.named_grads: frozen weights
+    have none). extra: gradients of parameters used after the stack (the LM head), added in."""
+    embed_cache, block_caches, norm_cache = caches
+    grads = {}
     dx, grads[FINAL_NORM] = rmsnorm.backward(dh, norm_cache)
     for layer in reversed(range(config.num_hidden_layers)):
         dx, block_grads = block_backward(dx, block_caches[layer])
         grads.update({block_param_name(layer, short): g for short, g in block_grads.items()})
     grads[EMBEDDING] = embedding.backward(dx, embed_cache)
-    if not config.tie_word_embeddings:
-        grads[LM_HEAD] = d_head
-    elif d_head is not None:
-        grads[EMBEDDING] += d_head
-    return float(loss), lora.named_grads({name: grads[name] for name in params})
+    for name, grad in (extra or {}).items():
+        if grad is not None:
+            grads[name] = grad if grads.get(name) is None else grads[name] + grad
+    return lora.named_grads({name: grads.get(name) for name in params})
