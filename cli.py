@@ -455,6 +455,9 @@ def classify_command(weights_path, mode, train_path, dev_path, test_path, label_
         if split in predict:
             labels = [label for label, _ in examples[split]]
             click.echo(f"{split} accuracy {classify.accuracy_of(predict[split], labels):.3f} ({len(labels)} examples)")
+            if len(set(labels)) == 1 and len(labels) > 1:  # e.g. CFIMDB's test file: its labels are withheld
+                click.echo(f"note: every {split} label is {names[labels[0]]!r}: placeholders? The accuracy is then "
+                           f"the share of texts predicted {names[labels[0]]!r}", err=True)
             if out:
                 classify.write_predictions(out, predict[split])
 

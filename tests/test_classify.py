@@ -191,3 +191,10 @@ def test_cli_bad_inputs(tiny_classifier_files, tmp_path):
     assert_one_clear_line(classify_cli(files, "--mode", "finetune"), "--mode finetune needs --train")
     assert json.loads(open(os.path.join(CLASSIFY_DATA, "cfimdb-label-mapping.json")).read()) == ["bad", "good"]
     assert train.MODEL_FILE  # (the shared model file is left as it was: classify writes only -out files)
+
+
+def test_cli_notes_placeholder_test_labels(tiny_classifier_files, tmp_path):
+    lines = (tiny_classifier_files / "test.txt").read_text().splitlines()
+    (tmp_path / "hidden.txt").write_text("".join("0 ||| " + line.split(" ||| ", 1)[1] + "\n" for line in lines))
+    result = classify_cli(tiny_classifier_files, "--mode", "zero-shot", "--test", tmp_path / "hidden.txt")
+    assert result.exit_code == 0 and "every test label is 'bad': placeholders?" in result.stderr
