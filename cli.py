@@ -11,7 +11,7 @@ import sys
 import click
 import numpy as np
 
-from npllama import (backend, classify, data, dtypes, generation, init_params, lora, safetensors_file,
+from npllama import (backend, classify, data, generation, init_params, lora,
                      tokenizer as tokenizers, train as training, weights)
 from npllama.config import PRESETS, ConfigError, LlamaConfig, human_count
 from npllama.safetensors_file import SafetensorsError
@@ -85,7 +85,8 @@ def load_weights(source, out, tokenizer_path, dtype, force):
 @click.argument("weights_path", metavar="WEIGHTS")
 def info(weights_path):
     """Summarise a weights file or checkpoint: parameters, shape, dtype, tokenizer."""
-    click.echo(weights.describe(*weights.load(weights_path), path=None if os.path.isdir(weights_path) else weights_path))
+    on_disk = None if os.path.isdir(weights_path) else weights_path
+    click.echo(weights.describe(*weights.load(weights_path), path=on_disk))
 
 
 @main.command("export-hf")
@@ -117,10 +118,7 @@ def merge_lora(weights_path, adapters_path, out, force):
     _refuse_to_overwrite(out, force)
     config, params, tokenizer = weights.load(weights_path)
     adapters, info = weights.load_adapters(adapters_path, config)
-    stored = {name: dtypes.resolve(safetensors_file.dtype_and_shape(params, name)[0]) for name in params}
-    merged = lora.merge(training.trainable(params), training.trainable(adapters), info["alpha"] / info["rank"])
-    weights.save(out, config, {name: dtypes.convert(backend.to_host(merged[name]), stored[name]) for name in merged},
-                 tokenizer)
+    weights.save(out, config, weights.merge_adapters(params, adapters, info["alpha"] / info["rank"]), tokenizer)
     click.echo(f"wrote {out}: {len(adapters) // 2} adapters of rank {info['rank']} merged into {weights_path}")
 
 
@@ -204,9 +202,11 @@ def _lora_targets(ctx, param, value):
     """'q,v' or 'q_proj,v_proj' -> ('q_proj', 'v_proj')."""
     targets = tuple(name if name.endswith("_proj") else f"{name}_proj" for name in value.replace(" ", "").split(",")
                     if name)
-    unknown = [name for name in targets if name not in lora.TARGETS]
-    if unknown or not targets:
-        raise click.BadParameter(f"choose among {', '.join(t[:-len('_proj')] for t in lora.TARGETS)}, got {value!r}")
+    try:
+        lora.check_targets(targets)
+    except ValueError:
+        raise click.BadParameter(f"choose among {', '.join(t[:-len('_proj')] for t in lora.TARGETS)}, "
+                                 f"got {value!r}") from None
     return targets
 
 
@@ -263,6 +263,8 @@ def _given(ctx, name):
 @click.pass_context
 def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force, preset, **flags):
     """Train a Llama on a text file: checkpoints, log.csv and curves.png in the run directory."""
+    if not flags["lora_rank"] and (_given(ctx, "lora_alpha") or _given(ctx, "lora_targets")):
+        raise click.ClickException("--lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank too")
     backend.use(flags.pop("device"))
     model_flags = {name: flags.pop(name) for name in MODEL_FLAGS}
     if init_path:  # the model's shape is given; --context only shortens the training windows
@@ -424,47 +426,62 @@ def classify_command(weights_path, mode, train_path, dev_path, test_path, label_
                      epochs, lr, batch_size, context, seed, dev_out, test_out, device):
     """Classify texts with a Llama: zero-shot (label names scored as completions) or fine-tuned (a head on
     the last token's hidden state, training the whole model or LoRA adapters)."""
+    _check_classify_flags(click.get_current_context(), mode, train_path, lora_rank)
     backend.use(device)
     names = classify.read_label_names(label_names_path)
-    if mode == "finetune" and not train_path:
-        raise click.ClickException("--mode finetune needs --train examples")
-    splits = {"train": train_path if mode == "finetune" else None, "dev": dev_path, "test": test_path}
-    examples = {split: classify.read_examples(path, names) for split, path in splits.items() if path}
+    paths = {"train": train_path, "dev": dev_path, "test": test_path}
+    examples = {split: classify.read_examples(path, names, labels_required=split != "test")
+                for split, path in paths.items() if path}
     config, params, tokenizer = weights.load(weights_path)
     if tokenizer is None:
         raise click.ClickException(f"{weights_path} has no tokenizer to read the texts with")
     for split, rows in examples.items():
-        classify.check_coverage(tokenizer, rows, splits[split])
+        classify.check_coverage(tokenizer, rows, paths[split])
     params = training.trainable(params)
     counts = np.bincount([label for label, _ in examples["dev"]], minlength=len(names))
     click.echo(f"dev: {len(examples['dev'])} examples, majority-class baseline {counts.max() / counts.sum():.3f}")
+    window = min(context or config.max_position_embeddings, config.max_position_embeddings)
     if mode == "zero-shot":
-        predict = {split: _zero_shot(params, config, tokenizer, rows, names, batch_size)
+        predict = {split: classify.zero_shot_scores(params, config, tokenizer, [text for _, text in rows], names,
+                                                    batch_size, window).argmax(axis=1).tolist()
                    for split, rows in examples.items()}
     else:
-        window = min(context or config.max_position_embeddings, config.max_position_embeddings)
         encoded = {split: [(label, classify.encode(tokenizer, text, window)) for label, text in rows]
                    for split, rows in examples.items()}
         tuned = classify.finetune(params, config, encoded["train"], encoded["dev"], len(names), epochs, lr, batch_size,
                                   lora_rank, lora_alpha, seed,
-                                  on_epoch=lambda epoch, accuracy: click.echo(f"epoch {epoch}: dev accuracy {accuracy:.3f}"))
+                                  on_epoch=lambda epoch, accuracy: click.echo(
+                                      f"epoch {epoch}: dev accuracy {accuracy:.3f}"))
         click.echo(f"best epoch {tuned.best_epoch}")
         predict = {split: classify.predict(tuned.params, config, tuned.head, [ids for _, ids in rows], batch_size)
                    for split, rows in encoded.items() if split != "train"}
     for split, out in (("dev", dev_out), ("test", test_out)):
         if split in predict:
-            labels = [label for label, _ in examples[split]]
-            click.echo(f"{split} accuracy {classify.accuracy_of(predict[split], labels):.3f} ({len(labels)} examples)")
-            if len(set(labels)) == 1 and len(labels) > 1:  # e.g. CFIMDB's test file: its labels are withheld
-                click.echo(f"note: every {split} label is {names[labels[0]]!r}: placeholders? The accuracy is then "
-                           f"the share of texts predicted {names[labels[0]]!r}", err=True)
+            _report_accuracy(split, predict[split], [label for label, _ in examples[split]], names)
             if out:
                 classify.write_predictions(out, predict[split])
 
 
-def _zero_shot(params, config, tokenizer, rows, names, batch_size):
-    scores = classify.zero_shot_scores(params, config, tokenizer, [text for _, text in rows], names, batch_size)
-    return [int(i) for i in scores.argmax(axis=1)]
+def _check_classify_flags(ctx, mode, train_path, lora_rank):
+    if mode == "finetune" and not train_path:
+        raise click.ClickException("--mode finetune needs --train examples")
+    if mode == "zero-shot":
+        finetune_only = ("train_path", "lora_rank", "lora_alpha", "epochs", "lr", "seed")
+        given = [name for name in finetune_only if _given(ctx, name)]
+        if given:
+            raise click.ClickException(f"--{given[0].replace('_path', '').replace('_', '-')} is for --mode finetune")
+    if _given(ctx, "lora_alpha") and not lora_rank:
+        raise click.ClickException("--lora-alpha scales LoRA adapters: give --lora-rank too")
+
+
+def _report_accuracy(split, predictions, labels, names):
+    if any(label is None for label in labels):
+        click.echo(f"{split}: {len(predictions)} predictions (unlabelled texts: no accuracy)")
+        return
+    click.echo(f"{split} accuracy {classify.accuracy_of(predictions, labels):.3f} ({len(labels)} examples)")
+    if len(set(labels)) == 1 and len(labels) > 1:  # e.g. CFIMDB's test file: its labels are withheld
+        click.echo(f"note: every {split} label is {names[labels[0]]!r}: placeholders? The accuracy is then "
+                   f"the share of texts predicted {names[labels[0]]!r}", err=True)
 
 
 @main.command("eval")

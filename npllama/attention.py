@@ -178,7 +178,8 @@ def backward(dy, cache):
     d_qkv = d_qkv.reshape(batch, time, -1)
     dx, dw_qkv = linear.backward(d_qkv, qkv_cache)
     q_rows, k_rows = n_heads * head_dim, n_kv_heads * head_dim
-    rows = {"q_proj": slice(0, q_rows), "k_proj": slice(q_rows, q_rows + k_rows), "v_proj": slice(q_rows + k_rows, None)}
+    rows = {"q_proj": slice(0, q_rows), "k_proj": slice(q_rows, q_rows + k_rows),
+            "v_proj": slice(q_rows + k_rows, None)}
     grads = {name: None if dw_qkv is None else from_fused_rows(name, dw_qkv[part], head_dim).copy()
              for name, part in rows.items()}
     for (name, part, *_), adapter_cache in zip(adapters, adapter_caches):

@@ -21,15 +21,16 @@ attention never lets a position see later ones, so padding cannot change a text'
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 
 from . import adamw, backend, files, lora
 from .tokenizer import TokenizerError
-from .model import EMBEDDING, forward, hidden_states, hidden_states_for_training, stack_backward
+from .model import EMBEDDING, head_weight, hidden_states, hidden_states_for_training, stack_backward
 
 PROMPT = "{text} Overall, the movie was"
-SEPARATOR = " ||| "
+SEPARATOR = "|||"
 
 
 class ClassifyError(ValueError):
@@ -39,25 +40,27 @@ class ClassifyError(ValueError):
 # ---- data ---------------------------------------------------------------------------------------------
 def read_label_names(path):
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:
             names = json.load(file)
     except FileNotFoundError:
         raise ClassifyError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ClassifyError(f"{path}: not JSON ({error})") from None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise ClassifyError(f"{path}: label names must be a JSON list of non-empty strings, got {json.dumps(names)[:60]}")
+        raise ClassifyError(f"{path}: label names must be a JSON list of non-empty strings, "
+                            f"got {json.dumps(names)[:60]}")
     if len(set(names)) != len(names):
         raise ClassifyError(f"{path}: label names repeat: {names}")
     return names
 
 
-def read_examples(path, label_names):
-    """[(label index, text)] from `label ||| text` lines (blank lines skipped)."""
+def read_examples(path, label_names, labels_required=True):
+    """[(label index, text)] from `label ||| text` lines (blank lines skipped). Without labels_required,
+    a line without the separator is an unlabelled text: (None, text)."""
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:  # -sig: a byte-order mark is not part of the text
             lines = file.read().splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise ClassifyError(f"{path}: no such file") from None
     except UnicodeDecodeError as error:
         raise ClassifyError(f"{path} is not UTF-8 text (byte offset {error.start})") from None
@@ -65,7 +68,10 @@ def read_examples(path, label_names):
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        label, separator, text = line.partition(SEPARATOR.strip())
+        label, separator, text = line.partition(SEPARATOR)
+        if not separator and not labels_required:
+            examples.append((None, line.strip()))
+            continue
         if not separator or not text.strip():
             raise ClassifyError(f"{path}, line {number}: expected 'label ||| text', got {line[:60]!r}")
         examples.append((_label_index(label.strip(), label_names, path, number), text.strip()))
@@ -77,7 +83,7 @@ def read_examples(path, label_names):
 def _label_index(label, names, path, number):
     if label in names:
         return names.index(label)
-    if label.isdigit() and int(label) < len(names):
+    if re.fullmatch(r"[0-9]+", label) and int(label) < len(names):
         return int(label)
     raise ClassifyError(f"{path}, line {number}: label {label!r} is not one of the {len(names)} labels "
                         f"(indices 0-{len(names) - 1} or {', '.join(names)})")
@@ -112,24 +118,31 @@ def pad(sequences, pad_id=0):
 
 
 # ---- zero-shot ------------------------------------------------------------------------------------------
-def zero_shot_scores(params, config, tokenizer, texts, label_names, batch_size=16):
-    """(N, C) log-probabilities of each label name completing each text's prompt."""
-    pairs = []  # (tokens, first label position) for every text and label
+def zero_shot_scores(params, config, tokenizer, texts, label_names, batch_size=16, context=None):
+    """(N, C) log-probabilities of each label name completing each text's prompt. A sequence longer
+    than context (default: the model's) loses the start of its text, keeping BOS and the label."""
+    context = min(context or config.max_position_embeddings, config.max_position_embeddings)
+    bos = tokenizer.bos_id is not None
+    pairs = []  # (tokens, position of the label's first token) for every text and label
     for text in texts:
-        prompt = tokenizer.encode(PROMPT.format(text=text), bos=tokenizer.bos_id is not None)
+        prompt = tokenizer.encode(PROMPT.format(text=text), bos=bos)
         for name in label_names:
-            full = tokenizer.encode(PROMPT.format(text=text) + " " + name, bos=tokenizer.bos_id is not None)
-            shared = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
-            cut = max(0, len(full) - config.max_position_embeddings)  # keep the label, drop the text's start
-            pairs.append((full[cut:], max(shared - cut, 1)))
+            full = tokenizer.encode(PROMPT.format(text=text) + " " + name, bos=bos)
+            first = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+            cut = max(0, len(full) - context)
+            if cut:
+                full = full[:bos] + full[bos + cut:]
+            pairs.append((full, max(first - cut, 1)))
+    head = head_weight(params, config)
     scores = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        tokens, lengths = pad([sequence for sequence, _ in chunk])
-        log_probs = _log_softmax(backend.to_host(forward(params, config, tokens)).astype(np.float64))
+        tokens, _ = pad([sequence for sequence, _ in chunk])
+        h = hidden_states(params, config, tokens)
         for row, (sequence, first) in enumerate(chunk):
-            positions = np.arange(first, len(sequence))
-            scores.append(log_probs[row, positions - 1, np.array(sequence)[positions]].sum())
+            positions = np.arange(first, len(sequence))  # logits at p − 1 predict the token at p
+            logits = backend.to_host(h[row, positions - 1] @ lora.base(head).T).astype(np.float64)
+            scores.append(_log_softmax(logits)[np.arange(len(positions)), np.array(sequence)[positions]].sum())
     return np.array(scores).reshape(len(texts), len(label_names))
 
 
@@ -189,9 +202,10 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
     head = {"weight": backend.to_device(rng.standard_normal((num_labels, config.hidden_size)) * 0.02,
                                         dtype=lora.base(params[EMBEDDING]).dtype),
             "bias": xp.zeros(num_labels, dtype=lora.base(params[EMBEDDING]).dtype)}
+    scale = (lora_alpha or lora_rank) / lora_rank if lora_rank else None
     if lora_rank:
         adapters = lora.init_adapters(params, config, ("q_proj", "v_proj"), lora_rank, lora_alpha or lora_rank, seed)
-        model_params, trained = lora.attach(params, adapters, (lora_alpha or lora_rank) / lora_rank), adapters
+        model_params, trained = lora.attach(params, adapters, scale), adapters
     else:
         model_params, trained = params, params
     optimizer = adamw.AdamW(lr=lr, weight_decay=weight_decay)
@@ -211,7 +225,7 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
             best = (accuracy, {name: value.copy() for name, value in trained.items()},
                     {name: value.copy() for name, value in head.items()})
     _, best_trained, best_head = best
-    best_params = lora.attach(params, best_trained, (lora_alpha or lora_rank) / lora_rank) if lora_rank else best_trained
+    best_params = lora.attach(params, best_trained, scale) if lora_rank else best_trained
     return Finetuned(best_params, best_head, accuracies, int(np.argmax(accuracies)) + 1)
 
 

@@ -112,13 +112,18 @@ def named_grads(grads):
     return flat
 
 
+def check_targets(targets):
+    """ValueError (one line) unless targets is a non-empty collection of TARGETS names."""
+    unknown = [name for name in targets if name not in TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"LoRA targets must be among {', '.join(TARGETS)}; got {', '.join(targets) or 'none'}")
+
+
 def init_adapters(params, config, targets, rank, alpha, seed):
     """New adapters, name -> array (A and B under adapter_names), for the projections named in targets
     (e.g. ("q_proj", "v_proj")) of every layer. A ~ N(0, 1/r) seeded; B = 0."""
     from .model import block_param_name  # the model composes lora, not the other way round
-    unknown = set(targets) - set(TARGETS)
-    if unknown or not targets:
-        raise ValueError(f"LoRA targets must be among {', '.join(TARGETS)}; got {', '.join(targets) or 'none'}")
+    check_targets(targets)
     rng = np.random.default_rng(seed)
     adapters = {}
     for layer in range(config.num_hidden_layers):

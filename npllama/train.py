@@ -29,7 +29,8 @@ import numpy as np
 from . import adamw, backend, data, dtypes, generation, lora, safetensors_file, weights
 from .model import loss, loss_and_grads
 
-MODEL_FILE, OPTIMIZER_FILE, LOG_FILE, CURVES_FILE = "model.safetensors", "optimizer.safetensors", "log.csv", "curves.png"
+MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.safetensors"
+LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's checkpoint: the adapters alone
 STEP_KEY, TRAIN_KEY = "npllama.train_step", "npllama.train"
 LOG_FIELDS = ["step", "lr", "loss", "grad_norm", "tokens_per_second", "elapsed_seconds", "train_loss", "val_loss"]
@@ -97,9 +98,10 @@ class TrainSettings:
             raise TrainError(f"--lora-rank must not be negative, got {self.lora_rank}")
         if self.lora_rank and not self.init:
             raise TrainError("--lora-rank trains adapters on a pretrained model: give its weights with --init")
-        unknown = set(self.lora_targets) - set(lora.TARGETS)
-        if unknown or not self.lora_targets:
-            raise TrainError(f"--lora-targets must be among {', '.join(lora.TARGETS)}, got {', '.join(self.lora_targets)}")
+        try:
+            lora.check_targets(self.lora_targets)
+        except ValueError as error:
+            raise TrainError(str(error)) from None
 
 
 @dataclasses.dataclass
@@ -207,9 +209,9 @@ class TrainingRun:
         if self.settings.sample_tokens == 0:
             return ""
         start = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else int(self.train_ids[0])]
-        new = generation.generate(self.model_params, self.config, start, min(self.settings.sample_tokens, self.context - 1),
-                                  temperature=0.8,
-                                  top_k=200, seed=self.settings.seed + self.step, eos_id=self.tokenizer.eos_id)
+        length = min(self.settings.sample_tokens, self.context - 1)
+        new = generation.generate(self.model_params, self.config, start, length, temperature=0.8, top_k=200,
+                                  seed=self.settings.seed + self.step, eos_id=self.tokenizer.eos_id)
         return self.tokenizer.decode(start + new)
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -224,16 +226,25 @@ class TrainingRun:
         train_state = {"step": self.step, "rng_state": self.rng.bit_generator.state,
                        "elapsed_seconds": time.perf_counter() - self.started,
                        "settings": dataclasses.asdict(self.settings), "data": self.data_info,
+                       "base": _identity(self.settings.init) if self.settings.lora_rank else None,
                        "optimizer": {key: state[key] for key in state if key not in ("m", "v")}}
         safetensors_file.write(os.path.join(self.directory, OPTIMIZER_FILE), tensors,
                                {TRAIN_KEY: json.dumps(train_state)})
         if self.settings.lora_rank:
             weights.save_adapters(self.checkpoint_file, self.params, self.settings.lora_rank, self.settings.lora_alpha,
-                                  self.settings.lora_targets, metadata={STEP_KEY: str(self.step), "base": self.settings.init})
+                                  self.settings.lora_targets,
+                                  metadata={STEP_KEY: str(self.step), "base": self.settings.init})
         else:
             weights.save(self.checkpoint_file, self.config, self.params, self.tokenizer,
                          metadata={STEP_KEY: str(self.step)})
         self.saved_step = self.step
+
+
+def _identity(path):
+    """What tells a file apart from a replacement without reading it: size and modification time (a
+    directory, such as an HF checkpoint, by its files')."""
+    paths = sorted(os.path.join(path, name) for name in os.listdir(path)) if os.path.isdir(path) else [path]
+    return [[os.path.basename(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
 
 
 def _read_safetensors(path):
@@ -278,6 +289,9 @@ def load_checkpoint(directory):
                          f"{state['step']} (a checkpoint was interrupted); cannot resume exactly")
     base_params = None
     if settings.lora_rank:
+        if not os.path.exists(settings.init) or _identity(settings.init) != state.get("base"):
+            raise TrainError(f"{settings.init}, the model these adapters were trained on, is missing or changed "
+                             "since the run started; cannot resume exactly")
         config, base, tokenizer = weights.load(settings.init)
         base_params = trainable(base, settings.dtype)
         params = trainable(weights.load_adapters(checkpoint_path, config)[0], settings.dtype)
@@ -360,13 +374,15 @@ def plot_curves(directory):
     with open(os.path.join(directory, LOG_FILE), newline="") as file:
         rows = list(csv.DictReader(file))
     figure, axes = plt.subplots(figsize=(8, 5))
-    axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.6, alpha=0.5, label="train (batch)")
+    axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.6, alpha=0.5,
+              label="train (batch)")
     evals = [r for r in rows if r["val_loss"] or r["train_loss"]]
     for key, label in (("train_loss", "train (eval)"), ("val_loss", "validation")):
         points = [(int(r["step"]), float(r[key])) for r in evals if r[key]]
         if points:
             axes.plot(*zip(*points), marker="o", label=label)
-    axes.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title=os.path.basename(os.path.abspath(directory)))
+    axes.set(xlabel="step", ylabel="cross-entropy loss (nats/token)",
+             title=os.path.basename(os.path.abspath(directory)))
     axes.legend()
     axes.grid(alpha=0.3)
     path = os.path.join(directory, CURVES_FILE)

@@ -24,11 +24,12 @@ more than a tensor's worth of converted data.
 import collections.abc
 import json
 import os
+import re
 import struct
 
 import numpy as np
 
-from . import backend, dtypes, files, rope, safetensors_file, tokenizer as tokenizers, torch_pickle
+from . import backend, dtypes, files, lora, rope, safetensors_file, tokenizer as tokenizers, torch_pickle
 from .config import ConfigError, LlamaConfig, human_count
 from .model import EMBEDDING, FINAL_NORM, LM_HEAD, block_param_name, parameter_shapes
 
@@ -212,8 +213,8 @@ def save_adapters(path, adapters, rank, alpha, targets, metadata=None):
 
 
 def load_adapters(path, config=None):
-    """(adapters: name -> array, info: {"rank", "alpha", "targets"}) from save_adapters' file; with a
-    config, checks that every adapter fits a weight of that model."""
+    """(adapters: name -> array, info: {"rank", "alpha", "targets"}) from save_adapters' file. Every A
+    needs its B; with a config, each pair must fit a projection of that model."""
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
     metadata, adapters = _read_safetensors(path)
@@ -222,17 +223,48 @@ def load_adapters(path, config=None):
         rank, alpha = int(info["rank"]), float(info["alpha"])
     except (KeyError, TypeError, ValueError):
         raise WeightsError(f"{path}: not an npllama LoRA adapters file") from None
-    if config is not None:
-        shapes = parameter_shapes(config)
-        for name, value in adapters.items():
-            weight = name.replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")
-            if weight not in shapes:
-                raise WeightsError(f"{path}: adapter {name} belongs to no weight of this model")
-            out, inputs = shapes[weight]
-            expected = (rank, inputs) if ".lora_A." in name else (out, rank)
-            if tuple(value.shape) != expected:
-                raise WeightsError(f"{path}: adapter {name} has shape {tuple(value.shape)}, this model needs {expected}")
+    if rank < 1 or not alpha > 0:
+        raise WeightsError(f"{path}: rank {rank} and alpha {alpha} must be positive")
+    shapes = parameter_shapes(config) if config is not None else None
+    for name in adapters:
+        weight, kind = _adapted_weight(path, name)
+        name_a, name_b = lora.adapter_names(weight)
+        if name_a not in adapters or name_b not in adapters:
+            raise WeightsError(f"{path}: adapter {name} comes without its {'B' if kind == 'A' else 'A'}")
+        if shapes is None:
+            continue
+        if weight not in shapes:
+            raise WeightsError(f"{path}: adapter {name} belongs to no weight of this model")
+        out, inputs = shapes[weight]
+        expected = (rank, inputs) if kind == "A" else (out, rank)
+        if tuple(adapters[name].shape) != expected:
+            raise WeightsError(f"{path}: adapter {name} has shape {tuple(adapters[name].shape)}, this model needs {expected}")
     return adapters, {**info, "rank": rank, "alpha": alpha}
+
+
+def _adapted_weight(path, name):
+    """model.layers.3.self_attn.q_proj.lora_A.weight -> (model.layers.3.self_attn.q_proj.weight, 'A')."""
+    match = re.fullmatch(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.lora_([AB])\.weight", name)
+    if match is None or match.group(2) not in lora.TARGETS:
+        raise WeightsError(f"{path}: {name} is not the A or B of a LoRA adapter on one of {', '.join(lora.TARGETS)}")
+    return match.group(1) + ".weight", match.group(3)
+
+
+def merge_adapters(params, adapters, scale):
+    """params with the adapted weights replaced by W + s·B A in their stored dtype (made one tensor at a
+    time, when read: only adapted tensors are widened to compute)."""
+    merged = LazyTensors()
+    for name in params:
+        dtype, shape = safetensors_file.dtype_and_shape(params, name)
+        name_a, name_b = lora.adapter_names(name) if name.endswith(".weight") else (None, None)
+        if name_a in adapters:
+            make = lambda name=name, a=adapters[name_a], b=adapters[name_b], dtype=dtype: dtypes.convert(
+                lora.merged(lora.Frozen(dtypes.compute_array(np.asarray(params[name])), a=np.asarray(a, np.float32),
+                                        b=np.asarray(b, np.float32), scale=scale)), dtype)
+        else:
+            make = lambda name=name: params[name]
+        merged.add(name, dtype, shape, make)
+    return merged
 
 
 # ---- HF checkpoint directory -------------------------------------------------------------------------

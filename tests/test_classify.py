@@ -1,6 +1,5 @@
 """Classification: the head's backward and the fine-tuning gradient against finite differences (float64),
 padding that cannot change a text's logits, zero-shot scores as label log-probabilities, and the CLI."""
-import json
 import os
 
 import numpy as np
@@ -9,7 +8,7 @@ from click.testing import CliRunner
 
 import npllama
 from cli import main
-from npllama import backend, classify, lora, train, weights
+from npllama import backend, classify, lora, weights
 from npllama.tokenizer import CharTokenizer
 from tests.conftest import ROOT
 from tests.gradcheck import numerical_grad, relative_error
@@ -189,8 +188,10 @@ def test_cli_bad_inputs(tiny_classifier_files, tmp_path):
     assert_one_clear_line(classify_cli(files, "--mode", "finetune", "--train", tmp_path / "labels.txt"),
                           "line 2: label '5' is not one of the 2 labels")
     assert_one_clear_line(classify_cli(files, "--mode", "finetune"), "--mode finetune needs --train")
-    assert json.loads(open(os.path.join(CLASSIFY_DATA, "cfimdb-label-mapping.json")).read()) == ["bad", "good"]
-    assert train.MODEL_FILE  # (the shared model file is left as it was: classify writes only -out files)
+    assert_one_clear_line(classify_cli(files, "--mode", "zero-shot", "--epochs", 3), "--epochs is for --mode finetune")
+    (tmp_path / "digit.txt").write_text("² ||| a superscript is not an index\n")
+    assert_one_clear_line(classify_cli(files, "--mode", "finetune", "--train", tmp_path / "digit.txt"),
+                          "label '²' is not one of the 2 labels")
 
 
 def test_cli_notes_placeholder_test_labels(tiny_classifier_files, tmp_path):
@@ -198,3 +199,72 @@ def test_cli_notes_placeholder_test_labels(tiny_classifier_files, tmp_path):
     (tmp_path / "hidden.txt").write_text("".join("0 ||| " + line.split(" ||| ", 1)[1] + "\n" for line in lines))
     result = classify_cli(tiny_classifier_files, "--mode", "zero-shot", "--test", tmp_path / "hidden.txt")
     assert result.exit_code == 0 and "every test label is 'bad': placeholders?" in result.stderr
+
+
+def test_unlabelled_test_texts_get_predictions_and_no_accuracy(tiny_classifier_files, tmp_path):
+    (tmp_path / "plain.txt").write_text("\ufeffA wonderful film.\nDreadful.\n")  # a BOM, then plain lines
+    result = classify_cli(tiny_classifier_files, "--mode", "zero-shot", "--test", tmp_path / "plain.txt",
+                          "--test-out", tmp_path / "out.txt")
+    assert result.exit_code == 0, result.output
+    assert "test: 2 predictions (unlabelled texts: no accuracy)" in result.stdout
+    assert len((tmp_path / "out.txt").read_text().split()) == 2
+
+
+def test_zero_shot_predicts_the_best_scoring_label(tiny_classifier_files, tmp_path, monkeypatch):
+    scores = np.array([[0.0, -5.0], [-3.0, -1.0]] * 6)  # dev has 12 texts: labels 0, 1, 0, 1, ...
+    monkeypatch.setattr(classify, "zero_shot_scores", lambda *args, **kwargs: scores[:len(args[3])])
+    result = classify_cli(tiny_classifier_files, "--mode", "zero-shot", "--dev-out", tmp_path / "d.txt")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "d.txt").read_text().split() == ["0", "1"] * 6
+
+
+def test_truncation_keeps_bos_and_the_end_of_the_text():
+    tokenizer = npllama.load(os.path.join(ROOT, "tests", "fixtures", "import", "hf"))[2]
+    ids = tokenizer.encode("a long enough text to be cut", bos=True)
+    assert classify.encode(tokenizer, "a long enough text to be cut", 5) == [ids[0]] + ids[-4:]
+    chars = CharTokenizer.from_text("abcdef")
+    assert classify.encode(chars, "abcdef", 4) == chars.encode("cdef")
+
+
+def test_zero_shot_keeps_bos_and_the_label_when_cutting(tiny_classifier_files):
+    config, params, tokenizer = npllama.load(str(tiny_classifier_files / "model.safetensors"))
+    long_text = "a very long review " * 20
+    scores = classify.zero_shot_scores(params, config, tokenizer, [long_text], ["bad", "good"], context=24)
+    prompt = classify.PROMPT.format(text=long_text)
+    for column, name in enumerate(["bad", "good"]):
+        full = tokenizer.encode(prompt + " " + name, bos=True)
+        label_tokens = len(full) - len(tokenizer.encode(prompt, bos=True))
+        kept = full[:1] + full[len(full) - 23:]
+        logits = backend.to_host(npllama.forward(params, config, np.array([kept]))[0]).astype(np.float64)
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        expected = sum(log_probs[i - 1, kept[i]] for i in range(len(kept) - label_tokens, len(kept)))
+        assert abs(scores[0, column] - expected) < 1e-4
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2], ids=["whole model", "lora"])
+def test_finetune_keeps_the_best_epoch(rng, monkeypatch, lora_rank):
+    params = npllama.init_params(CONFIG, seed=0)
+    originals = {name: value.copy() for name, value in params.items()}
+    heads_seen = []
+    real_predict = classify.predict
+
+    def recording_predict(model_params, config, head, sequences, batch_size=16):
+        heads_seen.append({name: value.copy() for name, value in head.items()})
+        return real_predict(model_params, config, head, sequences, batch_size)
+    monkeypatch.setattr(classify, "predict", recording_predict)
+    accuracies = iter([0.5, 0.9, 0.1])
+    monkeypatch.setattr(classify, "accuracy_of", lambda predictions, labels: next(accuracies))
+    data = [(int(rng.integers(0, 3)), list(rng.integers(0, 13, 5))) for _ in range(8)]
+    tuned = classify.finetune(params, CONFIG, data, data[:4], 3, epochs=3, lr=1e-2, batch_size=4,
+                              lora_rank=lora_rank, seed=0)
+    assert tuned.best_epoch == 2 and tuned.dev_accuracies == [0.5, 0.9, 0.1]
+    for name in ("weight", "bias"):
+        np.testing.assert_array_equal(tuned.head[name], heads_seen[1][name])
+        assert not np.array_equal(tuned.head[name], heads_seen[2][name])
+    if lora_rank:  # only the adapters (and the head) were trained: the base is untouched
+        for name, value in originals.items():
+            np.testing.assert_array_equal(params[name], value)
+        assert isinstance(tuned.params["model.layers.0.self_attn.q_proj.weight"], lora.Frozen)
+        assert tuned.params["model.layers.0.self_attn.q_proj.weight"].adapted
+        assert not tuned.params["model.layers.0.self_attn.k_proj.weight"].adapted

@@ -44,17 +44,19 @@ def test_frozen_weight_passes_dx_and_has_no_gradient(xp, rng):
     assert grad is None and float(xp.abs(dx - dy @ w).max()) < 1e-12
 
 
-@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), lora.TARGETS], ids=["q,v", "all"])
-def test_model_gradients_reach_only_the_adapters(xp, rng, targets):
-    params = random_params(CONFIG, xp, rng)
+@pytest.mark.parametrize("targets,tied", [(("q_proj", "v_proj"), False), (lora.TARGETS, False), (lora.TARGETS, True)],
+                         ids=["q,v", "all", "all, tied"])
+def test_model_gradients_reach_only_the_adapters(xp, rng, targets, tied):
+    config = npllama.LlamaConfig(**{**CONFIG.to_dict(), "tie_word_embeddings": tied})
+    params = random_params(config, xp, rng)
     adapters = random_adapters(params, targets, xp, rng)
     attached = lora.attach(params, adapters, scale=2.0)
     tokens, targets_ids = rng.integers(0, 13, (2, 2, 5))
-    loss, grads = npllama.loss_and_grads(attached, CONFIG, tokens, targets_ids)
+    loss, grads = npllama.loss_and_grads(attached, config, tokens, targets_ids)
     assert sorted(grads) == sorted(adapters)  # no gradient for any base weight
 
     def loss_only():
-        return npllama.loss_and_grads(attached, CONFIG, tokens, targets_ids)[0]
+        return npllama.loss_and_grads(attached, config, tokens, targets_ids)[0]
     for name, value in adapters.items():
         indices = rng.choice(value.size, size=4, replace=False)
         numeric = numerical_grad(loss_only, value, indices)
@@ -87,7 +89,7 @@ def test_generation_applies_unmerged_adapters(rng):
     params = npllama.init_params(CONFIG, seed=0)
     params = {name: value * 10 if value.ndim == 2 else value for name, value in params.items()}
     adapters = {name: value.astype(np.float32) for name, value in
-                random_adapters(params, ("q_proj", "v_proj", "down_proj"), np, rng).items()}
+                random_adapters(params, lora.TARGETS, np, rng).items()}
     unmerged = npllama.generate(lora.attach(params, adapters, 0.5), CONFIG, [1, 2, 3], 12)
     assert unmerged == npllama.generate(lora.merge(params, adapters, 0.5), CONFIG, [1, 2, 3], 12)
     assert unmerged != npllama.generate(params, CONFIG, [1, 2, 3], 12)
@@ -99,7 +101,7 @@ def test_unknown_targets_are_refused():
 
 
 # ---- training adapters, merging, generating through the CLI -------------------------------------------
-def test_lora_train_resume_merge_and_generate(tmp_path):
+def test_lora_train_merge_and_generate(tmp_path):
     from click.testing import CliRunner
 
     from cli import main
@@ -140,14 +142,14 @@ def test_an_interrupted_adapter_run_resumes_exactly(tmp_path):
 
     base = tiny_run(tmp_path / "base", max_iters=3)
     train.run(base)
-    settings = dict(lora_rank=2, lora_targets=("q_proj", "o_proj", "up_proj"), init=str(base.checkpoint_file),
-                    max_iters=10, lr=1e-2)
+    settings = dict(lora_rank=2, lora_alpha=3.0, lora_targets=("q_proj", "o_proj", "up_proj"),
+                    init=str(base.checkpoint_file), max_iters=10, lr=1e-2)
 
     def adapter_run(directory):
         config, params, tokenizer = npllama.load(base.checkpoint_file)
         run_settings = train.TrainSettings(**{**vars(base.settings), "decay_iters": None, **settings})
         params = train.trainable(params)
-        adapters = lora.init_adapters(params, config, settings["lora_targets"], 2, 2.0, run_settings.seed)
+        adapters = lora.init_adapters(params, config, settings["lora_targets"], 2, 3.0, run_settings.seed)
         return train.TrainingRun(str(directory), config, adapters, tokenizer, run_settings,
                                  np.array(tokenizer.encode(TEXT), np.uint16), base.data_info, base_params=params)
     straight = adapter_run(tmp_path / "straight")
@@ -164,6 +166,20 @@ def test_an_interrupted_adapter_run_resumes_exactly(tmp_path):
     assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "straight")
     for name in straight.params:
         assert np.array_equal(resumed.params[name], straight.params[name]), name
+
+    # what training computed with is what the saved adapters merge into (the same alpha / rank)
+    from npllama import weights
+    adapters, info = weights.load_adapters(str(tmp_path / "cut" / train.ADAPTERS_FILE), resumed.config)
+    tokens = np.array([resumed.tokenizer.encode(TEXT[:16])])
+    trained_logits = npllama.forward(resumed.model_params, resumed.config, tokens)
+    merged = weights.merge_adapters(saved.base_params, adapters, info["alpha"] / info["rank"])
+    merged_logits = npllama.forward({name: merged[name] for name in merged}, resumed.config, tokens)
+    assert np.abs(trained_logits - merged_logits).max() <= 1e-5 * np.abs(trained_logits).max()
+    assert info["alpha"] == 3.0
+
+    os.utime(base.checkpoint_file, ns=(1, 1))  # the base model replaced: resuming would not be exact
+    with pytest.raises(train.TrainError, match="missing or changed since the run started"):
+        train.load_checkpoint(str(tmp_path / "cut"))
 
 
 def test_lora_bad_inputs(tmp_path):
@@ -191,3 +207,15 @@ def test_lora_bad_inputs(tmp_path):
     assert_one_clear_line(cli("generate", "--weights", tmp_path / "small.safetensors", "--lora",
                               tmp_path / "small.safetensors", "--prompt-ids", "1"), "not an npllama LoRA adapters file")
     assert not (tmp_path / "m.safetensors").exists() and train.ADAPTERS_FILE not in os.listdir(tmp_path)
+    assert_one_clear_line(cli("train", "--data", tmp_path / "input.txt", "--out", tmp_path / "r", "--lora-alpha", 8,
+                              *TINY_FLAGS), "give --lora-rank too")
+
+    good = lora.init_adapters(small, CONFIG, ("q_proj",), 2, 2, 0)
+    only_a = {name: value for name, value in good.items() if "lora_A" in name}
+    on_norm = {"model.norm.lora_A.weight": np.zeros((2, 16), np.float32),
+               "model.norm.lora_B.weight": np.zeros((16, 2), np.float32)}
+    for adapters, rank, fragment in ((only_a, 2, "comes without its B"),
+                                     (on_norm, 2, "is not the A or B of a LoRA adapter"), (good, 0, "must be positive")):
+        weights.save_adapters(tmp_path / "bad.safetensors", adapters, rank, 2.0, ("q_proj",))
+        assert_one_clear_line(cli("merge-lora", tmp_path / "small.safetensors", tmp_path / "bad.safetensors",
+                                  "--out", tmp_path / "m.safetensors"), fragment)
