@@ -24,7 +24,7 @@ How it is computed:
 """
 import functools
 
-from . import backend, linear, lora, rope
+from . import backend, linear, lora, rope, streamed
 
 
 @functools.lru_cache(maxsize=16)
@@ -84,8 +84,11 @@ def fused_qkv_weight(wq, wk, wv, head_dim):
     frozen = [isinstance(w, lora.Frozen) for w in weights.values()]
     if any(frozen) and not all(frozen):
         raise ValueError("q_proj, k_proj and v_proj must be all trained or all frozen")
-    xp = backend.array_module(lora.base(wq))
-    fused = xp.concatenate([to_fused_rows(name, lora.base(w), head_dim) for name, w in weights.items()])
+    rows = [to_fused_rows(name, lora.base(w), head_dim) for name, w in weights.items()]
+    if isinstance(rows[0], streamed.Streamed):  # generation from weights kept as stored
+        fused = streamed.stack(rows)
+    else:
+        fused = backend.array_module(rows[0]).concatenate(rows)
     return lora.Frozen(fused) if all(frozen) else fused
 
 

@@ -180,13 +180,18 @@ def _blas_thread_control():
     return None
 
 
+def blas_threads_settable():
+    """Whether single_threaded_blas() can work here (the BLAS NumPy loaded was found)."""
+    return _blas_thread_control() is not None
+
+
 def cpu_workers():
     """How many batch shards a training step runs at once on the CPU: NPLLAMA_WORKERS, else the
     usable cores; 1 on a GPU, or where BLAS's thread count cannot be set."""
     requested = os.environ.get("NPLLAMA_WORKERS", "").strip()
     if requested and (not requested.isdigit() or int(requested) < 1):
         raise BackendError(f"NPLLAMA_WORKERS must be a positive integer, got {requested!r}")
-    if device() != "cpu" or _blas_thread_control() is None:
+    if device() != "cpu" or not blas_threads_settable():
         return 1
     return int(requested) if requested else usable_cores()
 

@@ -8,8 +8,10 @@ about twice as fast as a batch of small ones.
 
 The weight may also be a lora.Frozen: then no dW is computed (backward returns None in its place),
 or, when it carries a LoRA adapter, the adapter's term is added and its gradient returned (lora.py).
+For generation, the matrix may be a streamed.Streamed: kept as stored and widened block by block
+(forward only).
 """
-from . import lora
+from . import lora, streamed
 
 
 def _rows(a):
@@ -19,7 +21,10 @@ def _rows(a):
 
 def forward(x, weight):
     matrix = lora.base(weight)
-    y = (_rows(x) @ matrix.T).reshape(*x.shape[:-1], matrix.shape[0])
+    if isinstance(matrix, streamed.Streamed):
+        y = matrix.product(x)
+    else:
+        y = (_rows(x) @ matrix.T).reshape(*x.shape[:-1], matrix.shape[0])
     adapter = None
     if isinstance(weight, lora.Frozen) and weight.adapted:
         delta, adapter = lora.delta_forward(x, weight.a, weight.b, weight.scale)

@@ -62,16 +62,26 @@ def _complex_dtype(real_dtype):
     return np.complex128 if np.dtype(real_dtype) == np.float64 else np.complex64
 
 
+def pair_order(rows, head_dim):
+    """Row indices that put each head's rows i and i + hd/2 side by side (HF order -> paired order)."""
+    heads = rows // head_dim
+    return np.arange(rows).reshape(heads, 2, head_dim // 2).transpose(0, 2, 1).reshape(-1)
+
+
 def to_pairs(weight, head_dim):
-    """Projection rows (n·hd, D) in HF order -> each head's rows i and i + hd/2 side by side."""
-    heads = weight.shape[0] // head_dim
-    return weight.reshape(heads, 2, head_dim // 2, -1).transpose(0, 2, 1, 3).reshape(weight.shape)
+    """Projection rows (n·hd, ...) in HF order -> paired order: weight[pair_order]."""
+    return weight[_indices(weight, pair_order(weight.shape[0], head_dim))]
 
 
 def from_pairs(weight, head_dim):
     """Inverse of to_pairs."""
-    heads = weight.shape[0] // head_dim
-    return weight.reshape(heads, head_dim // 2, 2, -1).transpose(0, 2, 1, 3).reshape(weight.shape)
+    return weight[_indices(weight, np.argsort(pair_order(weight.shape[0], head_dim)))]
+
+
+def _indices(weight, order):
+    """order on the weight's device (a streamed.Streamed weight is indexed on the host)."""
+    module = backend.array_module(weight)
+    return order if module is np else module.asarray(order)
 
 
 def _rotate(x, rotation):

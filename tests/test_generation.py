@@ -45,16 +45,6 @@ def test_kv_cache_logits_equal_full_forward(model):
     assert_cached_logits_equal_forward(params, config, tokens, prefill=7, tolerance=1e-12)
 
 
-def test_weights_made_per_step_equal_resident_ones(model, monkeypatch):
-    config, params = model
-    prompt = [1, 2, 3]
-    resident = generation.generate(params, config, prompt, 20)
-    monkeypatch.setattr(backend, "free_memory", lambda: 0)  # too little memory to keep computed copies
-    decoder = generation.Decoder(params, config, 8)
-    assert not decoder.resident
-    assert generation.generate(params, config, prompt, 20) == resident
-
-
 def test_greedy_with_cache_equals_greedy_by_full_forward(model):
     config, params = model
     prompt = [5, 17, 3]

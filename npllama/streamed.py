@@ -1,0 +1,118 @@
+"""Weights used as they are stored, widened a block of rows at a time inside the product.
+
+A Llama-2-7B checkpoint is 13.5 GB in float16, 27 GB once widened to the float32 that NumPy computes
+in: more than a 24 GB machine holds. Generation then keeps the memory-mapped float16 file as its only
+copy of the weights, and each product widens one block of rows, multiplies by it, and reuses the space
+for the next block. Widening a whole matrix instead would write and read back twice its stored size and
+fault in fresh pages for every token.
+
+    y = x Wᵀ,  W = [s₁·S₁[o₁]; s₂·S₂[o₂]; …]          x: (..., in)   y: (..., out)
+Each part is a stored matrix Sᵢ: (rowsᵢ, in) with an optional row order oᵢ and a scale sᵢ; the parts are
+stacked along the output axis. That is how attention's fused q/k/v weight is built without a copy:
+S[o] is `rope.to_pairs` and s = 1/√hd scales q (attention.fused_qkv_weight). Per block of rows:
+    y[..., rows] = s · x · widen(S[o[rows]])ᵀ
+The blocks are shared among the CPU's cores: NumPy's casts and BLAS release Python's lock, so threads
+run them side by side, with BLAS on one thread each. Inference only: there is no backward.
+"""
+import concurrent.futures
+import dataclasses
+import functools
+
+import numpy as np
+
+from . import backend, dtypes
+
+BLOCK_BYTES = 2 << 20  # of widened rows: a block stays in one core's cache between its widening and use
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    stored: object        # (rows, in) NumPy array, often memory-mapped, in its stored dtype
+    order: object = None  # row indices into stored, or None for stored's own order
+    scale: float = 1.0
+
+    @property
+    def rows(self):
+        return self.stored.shape[0] if self.order is None else len(self.order)
+
+
+class Streamed:
+    """A (out, in) weight kept as stored and computed in `dtype` block by block (module docstring).
+    Supports what building a fused weight needs: w[order] (reorder rows), w * scale, and stack()."""
+
+    def __init__(self, stored, dtype):
+        self.dtype = np.dtype(dtype)
+        self.parts = (_Part(stored),)
+
+    @classmethod
+    def _of(cls, parts, dtype):
+        weight = cls.__new__(cls)
+        weight.dtype, weight.parts = dtype, tuple(parts)
+        return weight
+
+    @property
+    def shape(self):
+        return sum(part.rows for part in self.parts), self.parts[0].stored.shape[1]
+
+    def _only_part(self):
+        if len(self.parts) != 1:
+            raise ValueError("reorder or scale a Streamed weight before stacking it")
+        return self.parts[0]
+
+    def __getitem__(self, order):
+        part = self._only_part()
+        order = np.asarray(order) if part.order is None else part.order[np.asarray(order)]
+        return Streamed._of([dataclasses.replace(part, order=order)], self.dtype)
+
+    def __mul__(self, scale):
+        part = self._only_part()
+        return Streamed._of([dataclasses.replace(part, scale=part.scale * float(scale))], self.dtype)
+
+    def product(self, x):
+        """x Wᵀ: (..., in) -> (..., out), in self.dtype."""
+        rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=self.dtype)
+        y = np.empty((rows.shape[0], self.shape[0]), dtype=self.dtype)
+        blocks = list(self._blocks())
+        workers = min(backend.usable_cores(), len(blocks))
+        if workers == 1 or not backend.blas_threads_settable():
+            _multiply(rows, blocks, y)
+        else:
+            shares = [blocks[i::workers] for i in range(workers)]  # interleaved: every part is split
+            with backend.single_threaded_blas():
+                helpers = [_pool(workers - 1).submit(_multiply, rows, share, y) for share in shares[1:]]
+                _multiply(rows, shares[0], y)
+                for helper in helpers:
+                    helper.result()
+        return y.reshape(*x.shape[:-1], self.shape[0])
+
+    def _blocks(self):
+        """(part, first row, end row, first output column) for every block of every part."""
+        per_block = max(1, BLOCK_BYTES // (self.shape[1] * self.dtype.itemsize))
+        column = 0
+        for part in self.parts:
+            for start in range(0, part.rows, per_block):
+                yield part, start, min(start + per_block, part.rows), column + start
+            column += part.rows
+
+
+def stack(weights):
+    """The Streamed weights stacked along the output axis (as np.concatenate stacks arrays)."""
+    dtype = weights[0].dtype
+    if any(weight.dtype != dtype for weight in weights):
+        raise ValueError("stacked Streamed weights must share their compute dtype")
+    return Streamed._of([part for weight in weights for part in weight.parts], dtype)
+
+
+def _multiply(x, blocks, y):
+    """y[:, columns of each block] = scale · x · widen(block)ᵀ."""
+    for part, start, end, column in blocks:
+        stored = part.stored[start:end] if part.order is None else part.stored[part.order[start:end]]
+        out = y[:, column:column + end - start]
+        np.matmul(x, dtypes.compute_array(stored, y.dtype).T, out=out)
+        if part.scale != 1.0:
+            out *= part.scale
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(threads):
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="npllama-streamed")
