@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import threading
 
 import numpy as np
 
@@ -209,13 +210,24 @@ def usable_cores(cpu_max="/sys/fs/cgroup/cpu.max"):
     return cores
 
 
+_single_threaded = {"blocks": 0, "threads before": None, "lock": threading.Lock()}
+
+
 @contextlib.contextmanager
 def single_threaded_blas():
-    """BLAS on one thread inside the block (the caller runs one shard per core), as before after it."""
+    """BLAS on one thread inside the block (the caller runs one share of the work per core), as before
+    once the last such block ends: blocks may overlap in several threads, and the setting is global."""
     set_threads, get_threads = _blas_thread_control()
-    before = get_threads()
-    set_threads(1)
+    state = _single_threaded
+    with state["lock"]:
+        if state["blocks"] == 0:
+            state["threads before"] = get_threads()
+            set_threads(1)
+        state["blocks"] += 1
     try:
         yield
     finally:
-        set_threads(before)
+        with state["lock"]:
+            state["blocks"] -= 1
+            if state["blocks"] == 0:
+                set_threads(state["threads before"])

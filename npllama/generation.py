@@ -12,9 +12,10 @@ are the same as a full forward's (tests/test_generation.py checks it).
 
 Weights are read in the dtype they are stored in and computed in `dtype` (float32 on the CPU: NumPy
 has no fast float16 matrix product and no bfloat16). When the computed copies fit in half the free
-memory they are made once. Otherwise (Llama-2-7B in float16 on a 24 GB CPU machine) the CPU multiplies
-by the stored weights directly, widening a block of rows at a time (streamed.py), so memory holds the
-memory-mapped file and little else; a GPU copies each layer's weights over when it runs.
+memory they are made once. Otherwise (Llama-2-7B in float16 on a 24 GB CPU machine) each layer's
+weights are taken when it runs: the CPU multiplies by them as stored, widening a block of rows at a time
+(streamed.py), so memory holds the memory-mapped file and at most one layer that importing rebuilds
+(weights.LazyTensors); a GPU copies each layer's weights over.
 """
 import dataclasses
 import time
@@ -82,28 +83,32 @@ class Decoder:
         self.cache = attention.KVCache(config.num_hidden_layers, 1, config.num_key_value_heads, max_len,
                                        config.head_dim, self.dtype, xp)
         computed_bytes = config.num_parameters() * self.dtype.itemsize
+        # Resident: computed copies made once. Otherwise each layer's weights are fetched when it runs
+        # (a lazily imported tensor is built then, and dropped after): on the CPU they are multiplied by
+        # as stored (streamed), on a GPU copied over.
         self.resident = computed_bytes <= backend.free_memory() // 2
         self.streamed = not self.resident and xp is np
-        prepared_once = self.resident or self.streamed
-        self._layers = [self._prepare_layer(i) for i in range(config.num_hidden_layers)] if prepared_once else None
-        self._head = self._prepare_head() if prepared_once else None
+        self._layers = [self._prepare_layer(i) for i in range(config.num_hidden_layers)] if self.resident else None
+        self._head = self._prepare_head() if self.resident else None
 
-    def _compute(self, weight, keep_stored=False):
+    def _compute(self, weight, matrix=False):
         """A weight on the device in the compute dtype; a frozen one (lora.py) keeps its adapter.
-        keep_stored: a matrix the CPU multiplies by as stored, block by block (streamed.py)."""
-        def ready(array):
+        A matrix is kept as stored when streamed (streamed.py)."""
+        def computed(array):
             return None if array is None else backend.to_device(dtypes.compute_array(array, self.dtype))
-        base = (lambda array: streamed.Streamed(array, self.dtype)) if keep_stored else ready
+
+        def multiplied_by(array):
+            return streamed.Streamed.of(array, self.dtype) if matrix and self.streamed else computed(array)
         if isinstance(weight, lora.Frozen):
-            return lora.Frozen(base(weight.weight), ready(weight.a), ready(weight.b), weight.scale)
-        return base(weight)
+            return lora.Frozen(multiplied_by(weight.weight), computed(weight.a), computed(weight.b), weight.scale)
+        return multiplied_by(weight)
 
     def _prepare_layer(self, layer):
         """A layer's weights in the compute dtype, q, k and v fused into one (attention.py)."""
         weights = {}
         for short in BLOCK_PARAMS:
             weight = self.params[block_param_name(layer, short)]
-            weights[short] = self._compute(weight, keep_stored=self.streamed and len(weight.shape) == 2)
+            weights[short] = self._compute(weight, matrix=len(weight.shape) == 2)  # not the norms
         qkv = [weights.pop(short) for short in ("q_proj", "k_proj", "v_proj")]
         weights["qkv_adapters"] = attention.qkv_adapters(*qkv, self.config.head_dim)
         weights["qkv"] = lora.base(attention.fused_qkv_weight(*qkv, self.config.head_dim))
@@ -111,7 +116,7 @@ class Decoder:
 
     def _prepare_head(self):
         return (self._compute(self.params[FINAL_NORM]),
-                self._compute(head_weight(self.params, self.config), keep_stored=self.streamed))
+                self._compute(head_weight(self.params, self.config), matrix=True))
 
     def advance(self, tokens):
         start, end = self.cache.length, self.cache.length + len(tokens)
@@ -120,10 +125,10 @@ class Decoder:
         eps = self.config.rms_norm_eps
         x = self._compute(lora.base(self.params[EMBEDDING])[np.asarray(tokens)])[None]  # (1, T, D)
         for layer in range(self.config.num_hidden_layers):
-            weights = self._layers[layer] if self._layers is not None else self._prepare_layer(layer)
+            weights = self._layers[layer] if self.resident else self._prepare_layer(layer)
             x = _block_step(x, weights, eps, self.rotation[start:end], self.cache, layer)
         self.cache.length = end
-        final_norm, head = self._head if self._head is not None else self._prepare_head()
+        final_norm, head = self._head if self.resident else self._prepare_head()
         h, _ = rmsnorm.forward(x[0, -1], final_norm, eps)  # only the last position predicts
         return linear.forward(h, head)[0]
 

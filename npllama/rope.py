@@ -63,23 +63,27 @@ def _complex_dtype(real_dtype):
 
 
 def pair_order(rows, head_dim):
-    """Row indices that put each head's rows i and i + hd/2 side by side (HF order -> paired order)."""
-    heads = rows // head_dim
-    return np.arange(rows).reshape(heads, 2, head_dim // 2).transpose(0, 2, 1).reshape(-1)
+    """Row indices that put each head's rows i and i + hd/2 side by side: to_pairs(W) = W[pair_order]."""
+    return np.arange(rows).reshape(rows // head_dim, 2, head_dim // 2).transpose(0, 2, 1).reshape(-1)
+
+
+def half_order(rows, head_dim):
+    """The inverse reordering, paired order -> HF order: from_pairs(W) = W[half_order]."""
+    return np.arange(rows).reshape(rows // head_dim, head_dim // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
 def to_pairs(weight, head_dim):
-    """Projection rows (n·hd, ...) in HF order -> paired order: weight[pair_order]."""
-    return weight[_indices(weight, pair_order(weight.shape[0], head_dim))]
+    """Projection rows (n·hd, ...) in HF order -> paired order."""
+    return weight[_on_device_of(weight, pair_order(weight.shape[0], head_dim))]
 
 
 def from_pairs(weight, head_dim):
     """Inverse of to_pairs."""
-    return weight[_indices(weight, np.argsort(pair_order(weight.shape[0], head_dim)))]
+    return weight[_on_device_of(weight, half_order(weight.shape[0], head_dim))]
 
 
-def _indices(weight, order):
-    """order on the weight's device (a streamed.Streamed weight is indexed on the host)."""
+def _on_device_of(weight, order):
+    """The index array where the weight's array module wants it (NumPy's own for anything not CuPy's)."""
     module = backend.array_module(weight)
     return order if module is np else module.asarray(order)
 

@@ -1,10 +1,10 @@
 """Weights used as they are stored, widened a block of rows at a time inside the product.
 
 A Llama-2-7B checkpoint is 13.5 GB in float16, 27 GB once widened to the float32 that NumPy computes
-in: more than a 24 GB machine holds. Generation then keeps the memory-mapped float16 file as its only
-copy of the weights, and each product widens one block of rows, multiplies by it, and reuses the space
-for the next block. Widening a whole matrix instead would write and read back twice its stored size and
-fault in fresh pages for every token.
+in: more than a 24 GB machine holds. Generation then multiplies by the memory-mapped float16 weights
+directly: each product widens one block of rows, multiplies by it, and reuses the space for the next
+block. Widening a whole layer instead writes and reads back twice its stored size and faults in fresh
+pages for it at every token (5× slower for Llama-2-7B).
 
     y = x Wᵀ,  W = [s₁·S₁[o₁]; s₂·S₂[o₂]; …]          x: (..., in)   y: (..., out)
 Each part is a stored matrix Sᵢ: (rowsᵢ, in) with an optional row order oᵢ and a scale sᵢ; the parts are
@@ -22,7 +22,7 @@ import numpy as np
 
 from . import backend, dtypes
 
-BLOCK_BYTES = 2 << 20  # of widened rows: a block stays in one core's cache between its widening and use
+BLOCK_BYTES = 2 << 20  # widened rows per block: a core's block and its stored rows fit in its L2 cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +37,16 @@ class _Part:
 
 
 class Streamed:
-    """A (out, in) weight kept as stored and computed in `dtype` block by block (module docstring).
-    Supports what building a fused weight needs: w[order] (reorder rows), w * scale, and stack()."""
+    """An (out, in) weight kept as stored and computed in `dtype` block by block (module docstring).
+    Streamed.of(stored, dtype) makes one; w[order] (rows reordered), w * scale and stack([w, …]) are
+    what building a fused weight needs."""
 
-    def __init__(self, stored, dtype):
-        self.dtype = np.dtype(dtype)
-        self.parts = (_Part(stored),)
+    def __init__(self, parts, dtype):
+        self.parts, self.dtype = tuple(parts), np.dtype(dtype)
 
     @classmethod
-    def _of(cls, parts, dtype):
-        weight = cls.__new__(cls)
-        weight.dtype, weight.parts = dtype, tuple(parts)
-        return weight
+    def of(cls, stored, dtype):
+        return cls([_Part(stored)], dtype)
 
     @property
     def shape(self):
@@ -61,28 +59,36 @@ class Streamed:
 
     def __getitem__(self, order):
         part = self._only_part()
-        order = np.asarray(order) if part.order is None else part.order[np.asarray(order)]
-        return Streamed._of([dataclasses.replace(part, order=order)], self.dtype)
+        order = np.asarray(order)
+        if order.ndim != 1 or order.dtype.kind not in "iu":
+            raise TypeError("a Streamed weight's rows are reordered by a 1-D array of row indices")
+        if order.size and not 0 <= order.min() <= order.max() < part.rows:
+            raise IndexError(f"row indices must lie in [0, {part.rows})")
+        order = order if part.order is None else part.order[order]
+        return Streamed([dataclasses.replace(part, order=order)], self.dtype)
 
     def __mul__(self, scale):
         part = self._only_part()
-        return Streamed._of([dataclasses.replace(part, scale=part.scale * float(scale))], self.dtype)
+        return Streamed([dataclasses.replace(part, scale=part.scale * float(scale))], self.dtype)
 
     def product(self, x):
-        """x Wᵀ: (..., in) -> (..., out), in self.dtype."""
+        """x Wᵀ: (..., in) -> (..., out), in self.dtype. The blocks are dealt out to the usable cores,
+        one thread each, with BLAS set to one thread meanwhile (backend.single_threaded_blas)."""
         rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=self.dtype)
         y = np.empty((rows.shape[0], self.shape[0]), dtype=self.dtype)
         blocks = list(self._blocks())
-        workers = min(backend.usable_cores(), len(blocks))
+        workers = max(1, min(backend.usable_cores(), len(blocks)))
         if workers == 1 or not backend.blas_threads_settable():
             _multiply(rows, blocks, y)
         else:
             shares = [blocks[i::workers] for i in range(workers)]  # interleaved: every part is split
             with backend.single_threaded_blas():
                 helpers = [_pool(workers - 1).submit(_multiply, rows, share, y) for share in shares[1:]]
-                _multiply(rows, shares[0], y)
-                for helper in helpers:
-                    helper.result()
+                try:
+                    _multiply(rows, shares[0], y)
+                finally:
+                    for helper in helpers:  # BLAS goes back to its threads only once they are done
+                        helper.result()
         return y.reshape(*x.shape[:-1], self.shape[0])
 
     def _blocks(self):
@@ -97,10 +103,9 @@ class Streamed:
 
 def stack(weights):
     """The Streamed weights stacked along the output axis (as np.concatenate stacks arrays)."""
-    dtype = weights[0].dtype
-    if any(weight.dtype != dtype for weight in weights):
-        raise ValueError("stacked Streamed weights must share their compute dtype")
-    return Streamed._of([part for weight in weights for part in weight.parts], dtype)
+    if len({weight.dtype for weight in weights}) != 1 or len({weight.shape[1] for weight in weights}) != 1:
+        raise ValueError("stacked Streamed weights must share their compute dtype and input width")
+    return Streamed([part for weight in weights for part in weight.parts], weights[0].dtype)
 
 
 def _multiply(x, blocks, y):

@@ -1,9 +1,13 @@
 """Weights kept as stored and widened block by block (streamed.py): products equal the dense ones, and
 a decoder that streams its weights gives the logits of one that holds widened copies."""
+import os
+import threading
+
 import numpy as np
 import pytest
 
-from npllama import LlamaConfig, attention, backend, dtypes, generation, init_params, lora, streamed
+from npllama import LlamaConfig, attention, backend, dtypes, generation, init_params, lora, streamed, weights
+from tests.conftest import ROOT
 
 
 @pytest.fixture(params=[1, 3], ids=["one core", "three workers"])
@@ -11,6 +15,8 @@ def workers(request, monkeypatch):
     """Small blocks, so every product has many, shared among this many threads."""
     monkeypatch.setattr(streamed, "BLOCK_BYTES", 5 * 8 * 8)  # 5 rows of 8 float64s or 10 of float32
     monkeypatch.setattr(backend, "usable_cores", lambda: request.param)
+    if request.param > 1 and not backend.blas_threads_settable():
+        pytest.skip("BLAS's thread count cannot be set here, so products run on one thread")
     return request.param
 
 
@@ -20,28 +26,62 @@ def test_product_equals_the_widened_matrix_product(workers, rng, stored_dtype, s
     stored = dtypes.convert(rng.standard_normal((37, 8)), stored_dtype)
     widened = dtypes.compute_array(stored, np.float64)
     x = rng.standard_normal(shape)
-    y = streamed.Streamed(stored, np.float64).product(x)
+    y = streamed.Streamed.of(stored, np.float64).product(x)
     assert y.shape == shape[:-1] + (37,) and y.dtype == np.float64
     np.testing.assert_allclose(y, x @ widened.T, rtol=1e-13, atol=1e-13)
 
 
+def test_memory_mapped_weight(workers, rng, tmp_path):
+    stored = np.lib.format.open_memmap(tmp_path / "w.npy", mode="w+", dtype=np.float16, shape=(29, 8))
+    stored[:] = rng.standard_normal((29, 8))
+    x = rng.standard_normal((2, 8))
+    np.testing.assert_allclose(streamed.Streamed.of(stored, np.float64).product(x),
+                               x @ stored.astype(np.float64).T, rtol=1e-13, atol=1e-13)
+
+
 def test_reordered_scaled_and_stacked_parts(workers, rng):
     a, b = rng.standard_normal((12, 8)).astype(np.float16), rng.standard_normal((7, 8)).astype(np.float16)
-    order = rng.permutation(12)
-    weight = streamed.stack([streamed.Streamed(a, np.float64)[order] * 0.25, streamed.Streamed(b, np.float64)])
-    dense = np.concatenate([a.astype(np.float64)[order] * 0.25, b.astype(np.float64)])
+    first, second = rng.permutation(12), rng.integers(0, 12, 9)  # the second repeats and drops rows
+    weight = streamed.stack([(streamed.Streamed.of(a, np.float64) * 0.5)[first][second] * 0.5,
+                             streamed.Streamed.of(b, np.float64)])
+    dense = np.concatenate([a.astype(np.float64)[first][second] * 0.25, b.astype(np.float64)])
     assert weight.shape == dense.shape
     x = rng.standard_normal((3, 8))
     np.testing.assert_allclose(weight.product(x), x @ dense.T, rtol=1e-13, atol=1e-13)
     with pytest.raises(ValueError, match="before stacking"):
         weight * 2.0
+    with pytest.raises(IndexError, match=r"\[0, 12\)"):
+        streamed.Streamed.of(a, np.float64)[np.array([0, 12])]
+
+
+def test_weight_without_rows(workers):
+    y = streamed.Streamed.of(np.zeros((0, 8), np.float16), np.float32).product(np.ones((3, 8), np.float32))
+    assert y.shape == (3, 0)
+
+
+@pytest.mark.skipif(not backend.blas_threads_settable(), reason="BLAS's thread count cannot be set here")
+def test_blas_threads_restored_after_overlapping_products(workers, rng):
+    set_threads, get_threads = backend._blas_thread_control()
+    before = get_threads()
+    set_threads(2)
+    try:
+        weight = streamed.Streamed.of(rng.standard_normal((64, 8)).astype(np.float16), np.float32)
+        x = rng.standard_normal((1, 8)).astype(np.float32)
+        threads = [threading.Thread(target=lambda: [weight.product(x) for _ in range(30)]) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert get_threads() == 2
+    finally:
+        set_threads(before)
 
 
 def test_fused_qkv_weight_of_streamed_projections(workers, rng):
     head_dim = 4
     wq, wk, wv = (rng.standard_normal((rows, 8)).astype(np.float16) for rows in (16, 8, 8))
     dense = attention.fused_qkv_weight(*(w.astype(np.float64) for w in (wq, wk, wv)), head_dim)
-    fused = attention.fused_qkv_weight(*(streamed.Streamed(w, np.float64) for w in (wq, wk, wv)), head_dim)
+    fused = attention.fused_qkv_weight(*(streamed.Streamed.of(w, np.float64) for w in (wq, wk, wv)), head_dim)
     x = rng.standard_normal((1, 2, 8))
     np.testing.assert_allclose(fused.product(x), x @ dense.T, rtol=1e-13, atol=1e-13)
 
@@ -50,8 +90,8 @@ CONFIG = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hi
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40)
 
 
-def logits_of_each_step(params, tokens, prefill):
-    decoder = generation.Decoder(params, CONFIG, len(tokens))
+def logits_of_each_step(params, tokens, prefill, config=CONFIG):
+    decoder = generation.Decoder(params, config, len(tokens))
     steps = [decoder.advance(tokens[:prefill])] + [decoder.advance([token]) for token in tokens[prefill:]]
     return decoder, np.array([backend.to_host(logits) for logits in steps])
 
@@ -68,6 +108,19 @@ def test_streaming_decoder_equals_resident_one(workers, monkeypatch, stored_dtyp
     assert streaming.streamed == (backend.device() == "cpu")  # a GPU copies each layer over instead
     scale = np.abs(resident_logits).max()
     assert np.abs(streamed_logits - resident_logits).max() <= tolerance * scale
+
+
+def test_streaming_decoder_builds_lazily_imported_layers_as_they_run(workers, monkeypatch):
+    """llama2.c int8 weights are dequantized on access: streaming must not hold them all."""
+    config, params, _ = weights.load(os.path.join(ROOT, "tests", "fixtures", "import", "stories_v2.bin"))
+    tokens = [1, 5, 9, 2, 7]
+    _, resident_logits = logits_of_each_step(params, tokens, prefill=2, config=config)
+    resident_tokens = generation.generate(params, config, tokens, 6)
+    monkeypatch.setattr(backend, "free_memory", lambda: 0)
+    decoder, streamed_logits = logits_of_each_step(params, tokens, prefill=2, config=config)
+    assert decoder._layers is None and decoder._head is None
+    assert np.abs(streamed_logits - resident_logits).max() <= 1e-5 * np.abs(resident_logits).max()
+    assert generation.generate(params, config, tokens, 6) == resident_tokens
 
 
 def test_streaming_decoder_applies_lora_adapters(workers, monkeypatch, rng):
