@@ -1,8 +1,10 @@
-"""npllama: LLaMA with every forward and backward pass written out as array math (NumPy or CuPy)."""
+"""npllama: LLaMA with every forward and backward pass written out as array math (NumPy or CuPy).
+
+The public API; runs (train.start, train.resume, classify.run) are in their modules."""
 from .adamw import AdamW
 from .config import LlamaConfig
 from .generation import generate
-from .model import forward, init_params, loss_and_grads
-from .weights import load, save
+from .io.weights import load, save
+from .model import forward, init_params, loss, loss_and_grads
 
-__all__ = ["LlamaConfig", "init_params", "forward", "loss_and_grads", "load", "save", "generate", "AdamW"]
+__all__ = ["LlamaConfig", "init_params", "forward", "loss", "loss_and_grads", "load", "save", "generate", "AdamW"]

@@ -6,22 +6,18 @@ where arrays live is :func:`use` (the CLI's ``--device``) or the ``NPLLAMA_DEVIC
 (``cpu``, ``cuda`` or ``auto``; default ``auto``: CUDA when CuPy finds a GPU, else NumPy).
 No other file imports CuPy.
 
-On the CPU it also says how many cores a training step may use (:func:`cpu_workers`) and runs BLAS
-on one thread while each core computes its own shard of the batch (shards.py). ``NPLLAMA_WORKERS``
-sets the number of shards (default: the cores this process may use; 1 turns sharding off).
+How the CPU is used (cores, BLAS threads, the allocator) is runtime/cpu.py's concern, not this file's.
 """
-import contextlib
-import ctypes
-import functools
 import os
-import threading
 
 import numpy as np
+
+from .errors import UserError
 
 DEVICES = ("cpu", "cuda", "auto")
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError):
     """The requested device cannot be used (message is one line, fit for the user)."""
 
 
@@ -43,22 +39,6 @@ def _load_cupy():
     return cupy, None
 
 
-def _keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
-
-    A training step allocates and frees the same activation-sized arrays every step. By default glibc
-    maps arrays above a dynamic threshold afresh and trims the heap's free top, so each step pays a
-    page fault for every 4 KiB it touches again: 20% of a small model's step time here. With
-    allocations up to 32 MiB served from the heap and 64 MiB of free top kept, they are reused."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, Windows, musl): their allocators behave differently
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 64 << 20)
-
-
 def use(device="auto"):
     """Choose the device for arrays created from now on; returns the chosen name, 'cpu' or 'cuda'.
 
@@ -72,7 +52,6 @@ def use(device="auto"):
     if cupy is None:
         if device == "cuda":
             raise BackendError(f"--device cuda was asked for, but {reason}")
-        _keep_freed_memory()
         _active = ("cpu", np)
         return "cpu"
     _active = ("cuda", cupy)
@@ -102,6 +81,11 @@ def describe():
         return f"cpu (NumPy {np.__version__})"
     props = module.cuda.runtime.getDeviceProperties(module.cuda.Device().id)
     return f"cuda ({props['name'].decode()}, CuPy {module.__version__})"
+
+
+def is_array(value):
+    """Whether value is a NumPy or CuPy array (rather than, say, a weight that multiplies itself)."""
+    return isinstance(value, np.ndarray) or type(value).__module__.startswith("cupy")
 
 
 def array_module(*arrays):
@@ -150,84 +134,3 @@ def scatter_add(target, indices, values):
         import cupyx
         cupyx.scatter_add(target, indices, values)
     return target
-
-
-# ---- CPU cores -----------------------------------------------------------------------------------
-_BLAS_THREAD_FUNCTIONS = [  # (set, get) in the BLAS builds NumPy ships with or links against
-    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
-    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
-    ("openblas_set_num_threads", "openblas_get_num_threads"),
-    ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
-]
-
-
-@functools.lru_cache(maxsize=None)
-def _blas_thread_control():
-    """(set_num_threads, get_num_threads) of the BLAS NumPy loaded, or None where it cannot be found."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "blas" in line.lower() or "mkl" in line.lower()})
-    except OSError:  # not Linux
-        return None
-    for path in paths:
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for set_name, get_name in _BLAS_THREAD_FUNCTIONS:
-            if hasattr(library, set_name) and hasattr(library, get_name):
-                return getattr(library, set_name), getattr(library, get_name)
-    return None
-
-
-def blas_threads_settable():
-    """Whether single_threaded_blas() can work here (the BLAS NumPy loaded was found)."""
-    return _blas_thread_control() is not None
-
-
-def cpu_workers():
-    """How many batch shards a training step runs at once on the CPU: NPLLAMA_WORKERS, else the
-    usable cores; 1 on a GPU, or where BLAS's thread count cannot be set."""
-    requested = os.environ.get("NPLLAMA_WORKERS", "").strip()
-    if requested and (not requested.isdigit() or int(requested) < 1):
-        raise BackendError(f"NPLLAMA_WORKERS must be a positive integer, got {requested!r}")
-    if device() != "cpu" or not blas_threads_settable():
-        return 1
-    return int(requested) if requested else usable_cores()
-
-
-def usable_cores(cpu_max="/sys/fs/cgroup/cpu.max"):
-    """The cores this process may run on, capped by a container's CPU quota (cgroup v2 cpu.max)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        with open(cpu_max) as limits:
-            quota, period = limits.read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):  # no cgroup v2 limits here
-        pass
-    return cores
-
-
-_single_threaded = {"blocks": 0, "threads before": None, "lock": threading.Lock()}
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """BLAS on one thread inside the block (the caller runs one share of the work per core), as before
-    once the last such block ends: blocks may overlap in several threads, and the setting is global."""
-    set_threads, get_threads = _blas_thread_control()
-    state = _single_threaded
-    with state["lock"]:
-        if state["blocks"] == 0:
-            state["threads before"] = get_threads()
-            set_threads(1)
-        state["blocks"] += 1
-    try:
-        yield
-    finally:
-        with state["lock"]:
-            state["blocks"] -= 1
-            if state["blocks"] == 0:
-                set_threads(state["threads before"])

@@ -25,15 +25,18 @@ import re
 
 import numpy as np
 
-from . import adamw, backend, files, lora
-from .tokenizer import TokenizerError
-from .model import EMBEDDING, head_weight, hidden_states, hidden_states_for_training, stack_backward
+from . import adamw, adapters, backend, model
+from .errors import UserError, setting
+from .io import files, weights
+from .io.tokenizer import TokenizerError
+from .ops import cross_entropy, linear
+from .runtime import parallel
 
 PROMPT = "{text} Overall, the movie was"
 SEPARATOR = "|||"
 
 
-class ClassifyError(ValueError):
+class ClassifyError(UserError):
     """Bad classification input (message is one line, names the file and line)."""
 
 
@@ -133,55 +136,72 @@ def zero_shot_scores(params, config, tokenizer, texts, label_names, batch_size=1
             if cut:
                 full = full[:bos] + full[bos + cut:]
             pairs.append((full, max(first - cut, 1)))
-    head = head_weight(params, config)
+    computed = model.Weights(params, config)
     scores = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         tokens, _ = pad([sequence for sequence, _ in chunk])
-        h = hidden_states(params, config, tokens)
+        h = model.run_stack(computed, model.check_tokens(tokens, config))[0]
         for row, (sequence, first) in enumerate(chunk):
             positions = np.arange(first, len(sequence))  # logits at p − 1 predict the token at p
-            logits = backend.to_host(h[row, positions - 1] @ lora.base(head).T).astype(np.float64)
-            scores.append(_log_softmax(logits)[np.arange(len(positions)), np.array(sequence)[positions]].sum())
+            logits = backend.to_host(model.logits(computed, h[row, positions - 1])).astype(np.float64)
+            log_probs = cross_entropy.log_softmax(logits)
+            scores.append(log_probs[np.arange(len(positions)), np.array(sequence)[positions]].sum())
     return np.array(scores).reshape(len(texts), len(label_names))
 
 
-def _log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
 # ---- the classification head ----------------------------------------------------------------------------
+HEAD = "head."  # the head's tensors among a fine-tuning run's arrays: head.weight, head.bias
+
+
 def head_forward(h, weight, bias, labels):
-    """h: (B, D), weight: (C, D), bias: (C,), labels: (B,) ints. Returns (loss: float, logits, cache)."""
-    xp = backend.array_module(h)
-    logits = h @ weight.T + bias
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    probs = xp.exp(shifted)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    rows = xp.arange(h.shape[0])
-    loss = -float(xp.log(probs[rows, labels]).mean())
-    return loss, logits, (h, weight, probs, labels)
+    """h: (B, D), weight: (C, D), bias: (C,), labels: (B,) ints. Returns (loss: float, cache)."""
+    logits, linear_cache = linear.forward(h, weight)
+    logits += bias
+    loss, loss_cache = cross_entropy.forward(logits, labels)
+    return float(loss), (linear_cache, loss_cache)
 
 
-def head_backward(cache):
-    """Returns dh: (B, D), dW: (C, D), db: (C,) of the mean cross-entropy."""
-    h, weight, probs, labels = cache
-    xp = backend.array_module(h)
-    dz = probs.copy()
-    dz[xp.arange(h.shape[0]), labels] -= 1
-    dz /= h.shape[0]
-    return dz @ weight, dz.T @ h, dz.sum(axis=0)
+def head_backward(cache, dloss=1.0):
+    """Returns dh: (B, D), dW: (C, D), db: (C,) of dloss × the mean cross-entropy."""
+    linear_cache, loss_cache = cache
+    dz = cross_entropy.backward(dloss, loss_cache)
+    dh, dw = linear.backward(dz, linear_cache)
+    return dh, dw, dz.sum(axis=0)
 
 
 def last_hidden(params, config, tokens, lengths, keep_caches=False):
     """The final normed hidden state of each row's last real token: (B, D) (and the caches)."""
-    xp = backend.array_module(lora.base(params[EMBEDDING]))
+    xp = backend.array_module(model.values(params[model.EMBEDDING]))
     rows, last = xp.arange(len(lengths)), xp.asarray(lengths - 1)
     if not keep_caches:
-        return hidden_states(params, config, tokens)[rows, last]
-    h, caches = hidden_states_for_training(params, config, tokens)
+        return model.hidden_states(params, config, tokens)[rows, last]
+    h, caches = model.hidden_states_for_training(params, config, tokens)
     return h[rows, last], (h.shape, rows, last, caches)
+
+
+def batch_loss_and_grads(model_params, config, head, batch, scale=1.0):
+    """The batch's [(label, ids)] mean cross-entropy, and the gradients of scale × it for the trained
+    model tensors and the head ({"head.weight", "head.bias"})."""
+    tokens, lengths = pad([ids for _, ids in batch])
+    labels = backend.to_device(np.array([label for label, _ in batch]))
+    h_last, (shape, rows, last, caches) = last_hidden(model_params, config, tokens, lengths, keep_caches=True)
+    loss, cache = head_forward(h_last, head["weight"], head["bias"], labels)
+    dh_last, dw, db = head_backward(cache, scale)
+    xp = backend.array_module(dh_last)
+    dh = xp.zeros(shape, dtype=dh_last.dtype)
+    dh[rows, last] = dh_last
+    grads = model.stack_backward(dh, caches)
+    grads.update({f"{HEAD}weight": dw, f"{HEAD}bias": db})
+    return loss, grads
+
+
+def shard_loss_and_grads(arrays, config, lora_scale, batch, scale):
+    """One shard's loss and gradient (the task each worker runs): arrays hold the model's tensors (with
+    LoRA adapters when lora_scale > 0) and the head's."""
+    head = {name[len(HEAD):]: value for name, value in arrays.items() if name.startswith(HEAD)}
+    model_arrays = {name: value for name, value in arrays.items() if not name.startswith(HEAD)}
+    return batch_loss_and_grads(adapters.with_adapters(model_arrays, lora_scale), config, head, batch, scale)
 
 
 # ---- fine-tuning ------------------------------------------------------------------------------------------
@@ -194,20 +214,19 @@ class Finetuned:
 
 
 def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, batch_size=16, lora_rank=0,
-             lora_alpha=None, seed=0, weight_decay=0.0, on_epoch=lambda epoch, accuracy: None):
+             lora_alpha=None, seed=0, weight_decay=0.0, workers=1, on_epoch=lambda epoch, accuracy: None):
     """Train a head (and the model, or LoRA adapters of rank lora_rank on q and v) on train_set
-    [(label, ids)], keeping the epoch with the best dev accuracy. params: writable device arrays."""
-    xp = backend.array_module(lora.base(params[EMBEDDING]))
+    [(label, ids)], keeping the epoch with the best dev accuracy. params: writable device arrays.
+    Each batch is cut into `workers` shards, their gradients summed across workers (runtime/parallel.py)."""
+    dtype = model.values(params[model.EMBEDDING]).dtype
     rng = np.random.default_rng(seed)
-    head = {"weight": backend.to_device(rng.standard_normal((num_labels, config.hidden_size)) * 0.02,
-                                        dtype=lora.base(params[EMBEDDING]).dtype),
-            "bias": xp.zeros(num_labels, dtype=lora.base(params[EMBEDDING]).dtype)}
-    scale = (lora_alpha or lora_rank) / lora_rank if lora_rank else None
-    if lora_rank:
-        adapters = lora.init_adapters(params, config, ("q_proj", "v_proj"), lora_rank, lora_alpha or lora_rank, seed)
-        model_params, trained = lora.attach(params, adapters, scale), adapters
-    else:
-        model_params, trained = params, params
+    head = {"weight": backend.to_device(rng.standard_normal((num_labels, config.hidden_size)) * 0.02, dtype=dtype),
+            "bias": backend.array_module(params[model.EMBEDDING]).zeros(num_labels, dtype=dtype)}
+    scale = (lora_alpha or lora_rank) / lora_rank if lora_rank else 0.0
+    trained = adapters.init_adapters(params, config, ("q_proj", "v_proj"), lora_rank, lora_alpha or lora_rank,
+                                     seed) if lora_rank else params
+    arrays = {**params, **trained, **{HEAD + name: value for name, value in head.items()}}
+    trained_arrays = {**trained, **{HEAD + name: value for name, value in head.items()}}
     optimizer = adamw.AdamW(lr=lr, weight_decay=weight_decay)
     best = (-1.0, None, None)
     accuracies = []
@@ -215,8 +234,11 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
         order = rng.permutation(len(train_set))
         for start in range(0, len(order), batch_size):
             batch = [train_set[i] for i in order[start:start + batch_size]]
-            grads = _step_grads(model_params, config, head, batch)
-            optimizer.step({**trained, **{f"head.{k}": v for k, v in head.items()}}, grads)
+            shards = [[batch[i] for i in rows] for rows in np.array_split(np.arange(len(batch)), min(workers, len(batch)))]
+            tasks = [(config, scale, shard, len(shard) / len(batch)) for shard in shards]
+            _, grads = parallel.workers(len(tasks)).run(shard_loss_and_grads, arrays, tasks, list(trained_arrays))
+            optimizer.step(trained_arrays, grads)
+        model_params = adapters.with_adapters({**params, **trained}, scale)
         accuracy = accuracy_of(predict(model_params, config, head, [ids for _, ids in dev_set], batch_size),
                                [label for label, _ in dev_set])
         accuracies.append(accuracy)
@@ -225,23 +247,8 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
             best = (accuracy, {name: value.copy() for name, value in trained.items()},
                     {name: value.copy() for name, value in head.items()})
     _, best_trained, best_head = best
-    best_params = lora.attach(params, best_trained, scale) if lora_rank else best_trained
+    best_params = adapters.attach(params, best_trained, scale) if lora_rank else best_trained
     return Finetuned(best_params, best_head, accuracies, int(np.argmax(accuracies)) + 1)
-
-
-def _step_grads(model_params, config, head, batch):
-    """Gradients of the batch's mean cross-entropy for the trained model tensors and the head."""
-    tokens, lengths = pad([ids for _, ids in batch])
-    labels = backend.to_device(np.array([label for label, _ in batch]))
-    h_last, (shape, rows, last, caches) = last_hidden(model_params, config, tokens, lengths, keep_caches=True)
-    _, _, cache = head_forward(h_last, head["weight"], head["bias"], labels)
-    dh_last, dw, db = head_backward(cache)
-    xp = backend.array_module(dh_last)
-    dh = xp.zeros(shape, dtype=dh_last.dtype)
-    dh[rows, last] = dh_last
-    grads = stack_backward(model_params, config, dh, caches)
-    grads.update({"head.weight": dw, "head.bias": db})
-    return grads
 
 
 def predict(params, config, head, sequences, batch_size=16):
@@ -263,3 +270,101 @@ def write_predictions(path, predictions):
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     files.write_atomically(path, ["".join(f"{p}\n" for p in predictions).encode()])
+
+
+# ---- a classification run -------------------------------------------------------------------------------
+MODES = ("zero-shot", "finetune")
+
+
+@dataclasses.dataclass
+class ClassifySettings:
+    """How to classify (the only home of the defaults): mode 'zero-shot' or 'finetune' and the latter's
+    training settings."""
+    mode: str = "zero-shot"
+    epochs: int = 5
+    lr: float = 1e-4
+    batch_size: int = 16
+    lora_rank: int = 0  # > 0: fine-tune LoRA adapters of this rank (on q and v) instead of every weight
+    lora_alpha: float = None  # default: the rank
+    context: int = None  # tokens kept per text (its end); None: the model's context
+    seed: int = 0
+    workers: int = None  # shards per batch, summed across workers; None: the usable cores (1 on a GPU)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ClassifyError(f"{setting('mode')} must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ClassifyError(f"{setting(name)} must be at least 1, got {getattr(self, name)}")
+        if self.context is not None and self.context < 2:
+            raise ClassifyError(f"{setting('context')} must be at least 2, got {self.context}")
+        if not self.lr > 0 or self.lora_rank < 0:
+            raise ClassifyError(f"{setting('lr')} must be positive and {setting('lora_rank')} not negative")
+        if self.lora_alpha and not self.lora_rank:
+            raise ClassifyError(f"{setting('lora_alpha')} scales LoRA adapters: give {setting('lora_rank')} too")
+        if self.workers is None:
+            self.workers = parallel.default_count()
+
+
+@dataclasses.dataclass
+class SplitResult:
+    predictions: list     # label indices
+    labels: list          # the file's labels (None for unlabelled texts)
+
+    @property
+    def accuracy(self):
+        """The share predicted right, or None for unlabelled texts."""
+        return None if any(label is None for label in self.labels) else accuracy_of(self.predictions, self.labels)
+
+
+@dataclasses.dataclass
+class Classification:
+    splits: dict          # "dev", and "test" when given -> SplitResult
+    baseline: float       # the dev set's majority-class accuracy
+    best_epoch: int = None
+
+
+def run(weights_path, label_names_path, dev_path, train_path=None, test_path=None, settings=None,
+        dev_out=None, test_out=None, on_ready=lambda examples, baseline: None,
+        on_epoch=lambda epoch, accuracy: None):
+    """Classify the dev (and test) texts with the model in weights_path, zero-shot or after fine-tuning
+    on train_path (ClassifySettings); write each split's predictions, one label index per line, to
+    dev_out and test_out when given. on_ready(dev examples, majority-class baseline) is called once the
+    data and the model are read; on_epoch(epoch, dev accuracy) after each fine-tuning epoch."""
+    settings = settings or ClassifySettings()
+    if settings.mode == "finetune" and not train_path:
+        raise ClassifyError(f"{setting('mode')} finetune needs {setting('train')} examples")
+    names = read_label_names(label_names_path)
+    paths = {"train": train_path, "dev": dev_path, "test": test_path}
+    examples = {split: read_examples(path, names, labels_required=split != "test")
+                for split, path in paths.items() if path}
+    config, params, tokenizer = weights.load(weights_path)
+    if tokenizer is None:
+        raise ClassifyError(f"{weights_path} has no tokenizer to read the texts with")
+    for split, rows in examples.items():
+        check_coverage(tokenizer, rows, paths[split])
+    params = model.trainable(params)
+    counts = np.bincount([label for label, _ in examples["dev"]], minlength=len(names))
+    baseline = float(counts.max() / counts.sum())
+    on_ready(len(examples["dev"]), baseline)
+    window = min(settings.context or config.max_position_embeddings, config.max_position_embeddings)
+    best_epoch = None
+    if settings.mode == "zero-shot":
+        predictions = {split: zero_shot_scores(params, config, tokenizer, [text for _, text in rows], names,
+                                               settings.batch_size, window).argmax(axis=1).tolist()
+                       for split, rows in examples.items()}
+    else:
+        encoded = {split: [(label, encode(tokenizer, text, window)) for label, text in rows]
+                   for split, rows in examples.items()}
+        tuned = finetune(params, config, encoded["train"], encoded["dev"], len(names), settings.epochs, settings.lr,
+                         settings.batch_size, settings.lora_rank, settings.lora_alpha, settings.seed,
+                         workers=settings.workers, on_epoch=on_epoch)
+        best_epoch = tuned.best_epoch
+        predictions = {split: predict(tuned.params, config, tuned.head, [ids for _, ids in rows], settings.batch_size)
+                       for split, rows in encoded.items() if split != "train"}
+    for split, out in (("dev", dev_out), ("test", test_out)):
+        if out and split in predictions:
+            write_predictions(out, predictions[split])
+    splits = {split: SplitResult(predictions[split], [label for label, _ in examples[split]])
+              for split in ("dev", "test") if split in predictions}
+    return Classification(splits, baseline, best_epoch)

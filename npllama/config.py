@@ -1,12 +1,31 @@
-"""LlamaConfig: the model's hyper-parameters, named as in HF transformers' config.json, and presets."""
+"""LlamaConfig: the model's hyper-parameters, named as in HF transformers' config.json, presets, and the
+names and shapes of the parameters a config calls for (HF transformers' names and (out, in) layouts)."""
 import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .errors import UserError
+
 ROPE_SCALING_TYPES = ("linear", "llama3")
 
+EMBEDDING = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+# A block's parameters: short name -> name under "model.layers.{i}."
+BLOCK_PARAMS = {
+    "input_layernorm": "input_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "post_attention_layernorm": "post_attention_layernorm.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration that cannot describe a Llama model (message is one line, fit for the user)."""
 
 
@@ -124,6 +143,25 @@ class LlamaConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
+
+
+def block_param_name(layer, short_name):
+    return f"model.layers.{layer}.{BLOCK_PARAMS[short_name]}"
+
+
+def parameter_shapes(config):
+    """name -> shape of every parameter the config calls for, in HF order."""
+    d, f, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+    block = {"input_layernorm": (d,), "q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d),
+             "o_proj": (d, d), "post_attention_layernorm": (d,), "gate_proj": (f, d),
+             "up_proj": (f, d), "down_proj": (d, f)}
+    shapes = {EMBEDDING: (config.vocab_size, d)}
+    for layer in range(config.num_hidden_layers):
+        shapes.update({block_param_name(layer, short): shape for short, shape in block.items()})
+    shapes[FINAL_NORM] = (d,)
+    if not config.tie_word_embeddings:
+        shapes[LM_HEAD] = (config.vocab_size, d)
+    return shapes
 
 
 def _llama(dim, layers, heads, hidden, kv_heads=None, vocab=32000, context=2048, eps=1e-5, **rest):

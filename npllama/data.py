@@ -36,8 +36,9 @@ import re
 import numpy as np
 import sentencepiece
 
-from . import files
-from .tokenizer import CharTokenizer, SentencePieceTokenizer, TokenizerError, to_metadata
+from .errors import UserError, setting
+from .io import files
+from .io.tokenizer import CharTokenizer, SentencePieceTokenizer, TokenizerError, to_metadata
 
 BUILTIN_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus",
                               "shakespeare-sample.txt")
@@ -56,7 +57,7 @@ MAX_TRAINING_LINES = 1_000_000   # a larger text trains on this many of its line
 MAX_LINE_CHARS = 1000            # longer lines are cut (sentencepiece skips lines over 4192 bytes)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Training data that cannot be used (message is one line, names the file, fit for the user)."""
 
 
@@ -329,7 +330,7 @@ def check_long_enough(train, val, context):
                               (val, "validation", "more text, a larger validation fraction")):
         if (name == "training" or len(ids)) and len(ids) < context + 1:
             raise DataError(f"the data has {len(ids)} {name} tokens, fewer than one context window "
-                            f"(context + 1 = {context + 1}); use {advice} or a smaller --context")
+                            f"(context + 1 = {context + 1}); use {advice} or a smaller {setting('context')}")
 
 
 def random_batch(ids, batch_size, context, rng):

@@ -1,54 +1,36 @@
 """The Llama model: token embedding, a stack of pre-norm blocks, a final RMSNorm and the LM head.
 
-One block (pre-norm residual, as in Llama):
+One block (pre-norm residual, as in Llama), for the T tokens at positions p₀ … p₀+T−1:
     h   = x + Attention(RMSNorm(x; w_in))
     out = h + SwiGLU(RMSNorm(h; w_post))
+    Attention(x):  q, k, v = x Wqᵀ, x Wkᵀ, x Wvᵀ (one fused product)     split into heads of size hd
+                   q, k    = RoPE(q), RoPE(k) at their positions;  q scaled by 1/√hd (folded into Wq)
+                   k, v    = the cache's keys and values of positions < p₀, then these (decoding)
+                   O       = CausalAttention(q, k, v)  (ops/attention.py)
+                   y       = O Woᵀ, the heads concatenated
 Its backward follows the same lines upwards; each residual sum passes its gradient to both branches:
     dh = dout + RMSNorm_backward(SwiGLU_backward(dout))
     dx = dh   + RMSNorm_backward(Attention_backward(dh))
 The stack: x₀ = Embedding(tokens); x_{l+1} = Block_l(x_l); logits = RMSNorm(x_L; w_norm) W_headᵀ.
 With tied embeddings W_head is the embedding matrix, and its gradient is the sum of both uses'.
 
-Parameters are a flat dict with HF transformers' names and (out, in) layouts; grads use the same keys.
+One stack serves training, evaluation, prefill and decoding (Meta's forward(tokens, start_pos)): the
+tokens start at position 0, or after the positions a KVCache already holds. What it computes with is a
+Weights: the parameters as the blocks use them (the compute dtype; q, k and v fused into one weight
+with q and k rows in RoPE's paired order, rope.py), prepared from the params dict when a block runs,
+or once and kept (generation.py's choice).
+
+Parameters are a flat dict with HF transformers' names and (out, in) layouts (config.py); grads use
+the same keys. A parameter is trained when it is an array; a weight object (adapters.py: Frozen,
+Adapted) answers for itself in products, and its values are used elsewhere.
 """
+from typing import NamedTuple
+
 import numpy as np
 
-from . import attention, backend, embedding, linear, lm_head, lora, rmsnorm, rope, shards, swiglu
-
-EMBEDDING = "model.embed_tokens.weight"
-FINAL_NORM = "model.norm.weight"
-LM_HEAD = "lm_head.weight"
-# A block's parameters: short name -> name under "model.layers.{i}."
-BLOCK_PARAMS = {
-    "input_layernorm": "input_layernorm.weight",
-    "q_proj": "self_attn.q_proj.weight",
-    "k_proj": "self_attn.k_proj.weight",
-    "v_proj": "self_attn.v_proj.weight",
-    "o_proj": "self_attn.o_proj.weight",
-    "post_attention_layernorm": "post_attention_layernorm.weight",
-    "gate_proj": "mlp.gate_proj.weight",
-    "up_proj": "mlp.up_proj.weight",
-    "down_proj": "mlp.down_proj.weight",
-}
-
-
-def block_param_name(layer, short_name):
-    return f"model.layers.{layer}.{BLOCK_PARAMS[short_name]}"
-
-
-def parameter_shapes(config):
-    """name -> shape of every parameter the config calls for, in HF order."""
-    d, f, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
-    block = {"input_layernorm": (d,), "q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d),
-             "o_proj": (d, d), "post_attention_layernorm": (d,), "gate_proj": (f, d),
-             "up_proj": (f, d), "down_proj": (d, f)}
-    shapes = {EMBEDDING: (config.vocab_size, d)}
-    for layer in range(config.num_hidden_layers):
-        shapes.update({block_param_name(layer, short): shape for short, shape in block.items()})
-    shapes[FINAL_NORM] = (d,)
-    if not config.tie_word_embeddings:
-        shapes[LM_HEAD] = (config.vocab_size, d)
-    return shapes
+from . import backend, dtypes
+from .config import EMBEDDING, FINAL_NORM, LM_HEAD, block_param_name, parameter_shapes
+from .ops import attention, embedding, linear, lm_head, rmsnorm, rope, swiglu
 
 
 def init_params(config, seed=0, dtype="float32"):
@@ -68,39 +50,239 @@ def init_params(config, seed=0, dtype="float32"):
     return params
 
 
+def trainable(params, dtype="fp32"):
+    """Writable copies of params on the active device, in the master dtype (fp16/bf16 widened)."""
+    master = np.dtype(dtypes.resolve(dtype))
+    return {name: backend.to_device(np.array(dtypes.compute_array(np.asarray(backend.to_host(value)), master)))
+            for name, value in params.items()}
+
+
+def head_name(config):
+    return EMBEDDING if config.tie_word_embeddings else LM_HEAD
+
+
 def head_weight(params, config):
-    return params[EMBEDDING] if config.tie_word_embeddings else params[LM_HEAD]
+    return params[head_name(config)]
+
+
+# ---- what the stack computes with -----------------------------------------------------------------
+def values(weight):
+    """What a parameter holds, for uses other than a product: the array, or a weight object's values."""
+    return weight if backend.is_array(weight) else weight.values
+
+
+def default_dtype(params):
+    """float64 parameters compute in float64 (exact checks); all others (fp32, fp16, bf16) in float32."""
+    stored = values(params[EMBEDDING]).dtype
+    return np.dtype(np.float64) if stored == np.float64 else np.dtype(np.float32)
+
+
+def in_dtype(dtype):
+    """A Weights converter: every array in the compute dtype, on its own device (bf16 widened)."""
+    return lambda array, matrix: dtypes.compute_array(array, dtype)
+
+
+def fused_qkv(wq, wk, wv, head_dim):
+    """[s·Wq; Wk; Wv] as one weight (ops/linear.Fused), s = 1/√hd: the three projections in one product.
+    q and k rows are put in RoPE's paired order (rope.py), which leaves every q·k unchanged, and q is
+    scaled here rather than its scores later (RoPE is linear: RoPE(x (s·Wq)ᵀ) = s·RoPE(x Wqᵀ))."""
+    return linear.Fused([(wq, rope.pair_order(wq.shape[0], head_dim), head_dim ** -0.5),
+                         (wk, rope.pair_order(wk.shape[0], head_dim)), (wv,)])
+
+
+class Block(NamedTuple):
+    """One block's weights as it computes with them (norms: arrays; the rest: weights, ops/linear.py)."""
+    input_norm: object
+    qkv: linear.Fused   # [s·Wq (paired rows); Wk (paired rows); Wv]
+    o: object
+    post_norm: object
+    gate: object
+    up: object
+    down: object
+
+
+class Weights:
+    """The parameters as the stack uses them (module docstring).
+
+    convert(array, matrix) makes each stored array into what is computed with: an array of the compute
+    dtype on the compute device, or for a matrix (matrix=True) any weight (generation streams them).
+    keep: prepare each block once and keep it (decoding); otherwise prepare it at every use.
+    xp: the compute device's array module (default: the one holding the embedding)."""
+
+    def __init__(self, params, config, dtype=None, convert=None, keep=False, xp=None):
+        self.params, self.config = params, config
+        self.dtype = np.dtype(dtype) if dtype is not None else default_dtype(params)
+        self.convert = convert or in_dtype(self.dtype)
+        self.xp = xp or backend.array_module(values(params[EMBEDDING]))  # the compute device's module
+        self.head_dim = config.head_dim
+        self._kept = {} if keep else None
+        self._rotation = None
+
+    def _computed(self, weight, matrix=True):
+        return self.convert(weight, matrix) if backend.is_array(weight) else weight.converted(self.convert, matrix)
+
+    def _prepared(self, key, make):
+        if self._kept is None:
+            return make()
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
+
+    def embed(self, tokens):
+        """x: (B, T, D) for tokens (B, T), and the embedding's cache."""
+        table = values(self.params[EMBEDDING])
+        rows, cache = embedding.forward(table, backend.array_module(table).asarray(tokens))
+        return backend.to_device(self.convert(rows, False)), cache
+
+    def block(self, layer):
+        return self._prepared(layer, lambda: self._block(layer))
+
+    def _block(self, layer):
+        def weight(short, matrix=True):
+            return self._computed(self.params[block_param_name(layer, short)], matrix)
+        qkv = fused_qkv(weight("q_proj"), weight("k_proj"), weight("v_proj"), self.head_dim)
+        return Block(values(weight("input_layernorm", False)), qkv, weight("o_proj"),
+                     values(weight("post_attention_layernorm", False)), weight("gate_proj"), weight("up_proj"),
+                     weight("down_proj"))
+
+    @property
+    def final_norm(self):
+        return self._prepared("norm", lambda: values(self._computed(self.params[FINAL_NORM], False)))
+
+    @property
+    def head(self):
+        return self._prepared("head", lambda: self._computed(head_weight(self.params, self.config)))
+
+    def rotation(self, start, end):
+        """RoPE's e^{jpθ} for positions start … end − 1: (end − start, hd/2). The table is kept, and
+        grown to twice its length when a later position is asked for (decoding asks for one more a step)."""
+        if self._rotation is None or len(self._rotation) < end:
+            size = max(end, 2 * len(self._rotation)) if self._rotation is not None else end
+            self._rotation = rope.tables(self.config, np.arange(size), self.dtype, self.xp)
+        return self._rotation[start:end]
+
+    @property
+    def kept(self):
+        """The blocks (and norm, head) prepared and kept so far, by layer; None when nothing is kept."""
+        return self._kept
+
+    def trained(self, name):
+        """Whether the parameter gets a gradient (an array; a weight object answers in its own backward)."""
+        return backend.is_array(self.params[name])
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for every layer, preallocated for max_len positions.
+    keys[l], values[l]: (B, K, max_len, hd); the first `length` positions are filled."""
+
+    def __init__(self, config, batch, max_len, dtype, xp):
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys, self.values = xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+
+    def append(self, layer, k, v):
+        """Store k, v: (B, K, T, hd) of the next T positions; returns views of all length + T."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+# ---- attention: projections and RoPE around the core ---------------------------------------------
+class AttentionCache(NamedTuple):
+    qkv: object          # the fused projection's cache
+    core: object         # ops/attention.py's cache
+    o: object            # the output projection's cache
+    rotation: object
+    n_heads: int
+
+
+def _split_heads(x, head_dim):
+    """(B, T, n·hd) -> (B, n, T, hd)."""
+    batch, time, width = x.shape
+    return x.reshape(batch, time, width // head_dim, head_dim).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(x):
+    """(B, n, T, hd) -> (B, T, n·hd)."""
+    batch, heads, time, head_dim = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch, time, heads * head_dim)
+
+
+def attention_forward(x, qkv, o, rotation, n_heads, kv_cache=None, layer=None):
+    """x: (B, T, D) -> y: (B, T, D); rotation: (T, hd/2) for the tokens' positions (module docstring)."""
+    xp = backend.array_module(x)
+    batch, time, _ = x.shape
+    head_dim = 2 * rotation.shape[-1]
+    projected, qkv_cache = linear.forward(x, qkv)
+    projected = projected.reshape(batch, time, -1, head_dim)                     # (B, T, H + 2K, hd)
+    n_kv_heads = (projected.shape[2] - n_heads) // 2
+    qk, _ = rope.forward(projected[:, :, :n_heads + n_kv_heads], rotation[:, None])  # positions on axis 1
+    q = qk[:, :, :n_heads].transpose(0, 2, 1, 3)                                  # (B, H, T, hd)
+    # k and v are copied out so the cache does not keep the whole projection alive.
+    k = xp.ascontiguousarray(qk[:, :, n_heads:].transpose(0, 2, 1, 3))             # (B, K, T, hd)
+    v = xp.ascontiguousarray(projected[:, :, n_heads + n_kv_heads:].transpose(0, 2, 1, 3))
+    if kv_cache is not None:
+        k, v = kv_cache.append(layer, k, v)                                       # (B, K, S, hd)
+    out, core = attention.forward(q, k, v)
+    y, o_cache = linear.forward(_merge_heads(out), o)
+    return y, AttentionCache(qkv_cache, core, o_cache, rotation, n_heads)
+
+
+def attention_backward(dy, cache):
+    """Returns dx and the gradients of the fused q, k, v weight (a list of three) and of Wo."""
+    xp = backend.array_module(dy)
+    batch, time, _ = dy.shape
+    head_dim = 2 * cache.rotation.shape[-1]
+    n_heads = cache.n_heads
+    d_out, d_o = linear.backward(dy, cache.o)
+    dq, dk, dv = attention.backward(_split_heads(d_out, head_dim), cache.core)
+    n_kv_heads = dk.shape[1]
+    # Gather dq, dk, dv into the fused projection's layout, undo RoPE, then one product back.
+    d_qkv = xp.empty((batch, time, n_heads + 2 * n_kv_heads, head_dim), dtype=dy.dtype)
+    d_qkv[:, :, :n_heads] = dq.transpose(0, 2, 1, 3)
+    d_qkv[:, :, n_heads:n_heads + n_kv_heads] = dk.transpose(0, 2, 1, 3)
+    d_qkv[:, :, :n_heads + n_kv_heads] = rope.backward(d_qkv[:, :, :n_heads + n_kv_heads], cache.rotation[:, None])
+    d_qkv[:, :, n_heads + n_kv_heads:] = dv.transpose(0, 2, 1, 3)
+    dx, d_qkv_weight = linear.backward(d_qkv.reshape(batch, time, -1), cache.qkv)
+    return dx, d_qkv_weight, d_o
 
 
 # ---- one block ----------------------------------------------------------------------------------
-def block_forward(x, weights, eps, rotation):
-    """x: (B, T, D); weights: short name -> array (BLOCK_PARAMS). Returns out: (B, T, D), cache."""
-    normed, norm_in = rmsnorm.forward(x, weights["input_layernorm"], eps)
-    attended, attn = attention.forward(normed, weights["q_proj"], weights["k_proj"], weights["v_proj"],
-                                       weights["o_proj"], rotation)
+def block_forward(x, w, eps, rotation, n_heads, kv_cache=None, layer=None):
+    """x: (B, T, D); w: a Block. Returns out: (B, T, D), cache."""
+    normed, norm_in = rmsnorm.forward(x, w.input_norm, eps)
+    attended, attn = attention_forward(normed, w.qkv, w.o, rotation, n_heads, kv_cache, layer)
     h = x + attended
-    normed, norm_post = rmsnorm.forward(h, weights["post_attention_layernorm"], eps)
-    mlp_out, mlp = swiglu.forward(normed, weights["gate_proj"], weights["up_proj"], weights["down_proj"])
+    normed, norm_post = rmsnorm.forward(h, w.post_norm, eps)
+    mlp_out, mlp = swiglu.forward(normed, w.gate, w.up, w.down)
     return h + mlp_out, (norm_in, attn, norm_post, mlp)
 
 
 def block_backward(dout, cache):
-    """Returns dx: (B, T, D) and the block's grads by short name."""
+    """Returns dx: (B, T, D) and the block's grads by short name (BLOCK_PARAMS)."""
     norm_in, attn, norm_post, mlp = cache
     grads = {}
     d_normed, grads["gate_proj"], grads["up_proj"], grads["down_proj"] = swiglu.backward(dout, mlp)
     d_h, grads["post_attention_layernorm"] = rmsnorm.backward(d_normed, norm_post)
     d_h += dout
-    d_normed, grads["q_proj"], grads["k_proj"], grads["v_proj"], grads["o_proj"] = \
-        attention.backward(d_h, attn)
+    d_normed, (grads["q_proj"], grads["k_proj"], grads["v_proj"]), grads["o_proj"] = attention_backward(d_h, attn)
     dx, grads["input_layernorm"] = rmsnorm.backward(d_normed, norm_in)
     dx += d_h
     return dx, grads
 
 
 # ---- the stack ----------------------------------------------------------------------------------
-def _check_tokens(tokens, config, xp):
-    tokens = xp.asarray(tokens)
+class StackCache(NamedTuple):
+    weights: Weights
+    embedding: object
+    blocks: list
+    norm: object
+
+
+def check_tokens(tokens, config):
+    tokens = np.asarray(backend.to_host(tokens))
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be a (batch, time) array with time >= 1, got shape {tokens.shape}")
     if tokens.dtype.kind not in "iu":
@@ -111,36 +293,87 @@ def _check_tokens(tokens, config, xp):
     return tokens
 
 
-def hidden_states(params, config, tokens):
-    """tokens: (B, T) ints -> the final normed hidden states h: (B, T, D)."""
-    tokens = _check_tokens(tokens, config, backend.array_module(lora.base(params[EMBEDDING])))
-    return _run_stack(params, config, tokens, keep_caches=False)[0]
-
-
-def _run_stack(params, config, tokens, keep_caches):
-    """h: (B, T, D) for checked tokens, and the caches for backward (None unless kept)."""
-    weight = params[EMBEDDING]
-    xp = backend.array_module(lora.base(weight))
-    rotation = rope.tables(config, np.arange(tokens.shape[1]), lora.base(weight).dtype, xp)
-    x, embed_cache = embedding.forward(weight, tokens)
+def run_stack(weights, tokens, kv_cache=None, keep_caches=False):
+    """The final normed hidden states h: (B, T, D) of checked tokens (B, T) at positions start … start+T−1,
+    start being the positions kv_cache holds (which it then also holds for these), else 0; and the
+    caches for stack_backward (None unless kept)."""
+    config = weights.config
+    start = kv_cache.length if kv_cache is not None else 0
+    end = start + tokens.shape[1]
+    if kv_cache is not None and end > kv_cache.max_len:
+        raise ValueError(f"{end} positions do not fit the KV cache of {kv_cache.max_len}")
+    rotation = weights.rotation(start, end)
+    x, embed_cache = weights.embed(tokens)
     block_caches = []
     for layer in range(config.num_hidden_layers):
-        weights = {short: params[block_param_name(layer, short)] for short in BLOCK_PARAMS}
-        x, cache = block_forward(x, weights, config.rms_norm_eps, rotation)
+        x, cache = block_forward(x, weights.block(layer), config.rms_norm_eps, rotation,
+                                 config.num_attention_heads, kv_cache, layer)
         if keep_caches:
             block_caches.append(cache)
-    h, norm_cache = rmsnorm.forward(x, params[FINAL_NORM], config.rms_norm_eps)
-    return h, ((embed_cache, block_caches, norm_cache) if keep_caches else None)
+    if kv_cache is not None:
+        kv_cache.length = end
+    h, norm_cache = rmsnorm.forward(x, weights.final_norm, config.rms_norm_eps)
+    return h, (StackCache(weights, embed_cache, block_caches, norm_cache) if keep_caches else None)
 
 
-def forward(params, config, tokens):
-    """tokens: (B, T) ints -> logits: (B, T, V), on the parameters' device."""
-    h = hidden_states(params, config, tokens)
-    return linear.forward(h, head_weight(params, config))[0]
+def stack_backward(dh, caches, extra=None):
+    """The backward pass of run_stack: dh (B, T, D) -> grads by parameter name, for trained parameters
+    only. extra: gradients of parameters used after the stack (the LM head), added in. A weight that
+    trains parts of its own (adapters.py) returns a dict; its entries are named under the weight's name
+    less ".weight" (an adapter's A: ...q_proj.lora_A.weight)."""
+    weights, embed_cache, block_caches, norm_cache = caches
+    config = weights.config
+    grads = {}
+    dx, grads[FINAL_NORM] = rmsnorm.backward(dh, norm_cache)
+    for layer in reversed(range(config.num_hidden_layers)):
+        dx, block_grads = block_backward(dx, block_caches[layer])
+        grads.update({block_param_name(layer, short): g for short, g in block_grads.items()})
+    if weights.trained(EMBEDDING):
+        grads[EMBEDDING] = embedding.backward(dx, embed_cache)
+    for name, grad in (extra or {}).items():
+        if grad is not None:
+            grads[name] = grad if grads.get(name) is None else grads[name] + grad
+    return _named(grads, weights)
 
 
-def _check_targets(targets, tokens, config, xp):
-    targets = xp.asarray(targets)
+def _named(grads, weights):
+    """grads by parameter name -> the trained tensors' gradients, in the params' order."""
+    named = {}
+    for name in weights.params:
+        grad = grads.get(name)
+        if isinstance(grad, dict):
+            named.update({f"{name[:-len('.weight')]}.{part}": value for part, value in grad.items()})
+        elif grad is not None and weights.trained(name):
+            named[name] = grad
+    return named
+
+
+# ---- the public functions ----------------------------------------------------------------------------
+def hidden_states(params, config, tokens):
+    """tokens: (B, T) ints -> the final normed hidden states h: (B, T, D)."""
+    return run_stack(Weights(params, config), check_tokens(tokens, config))[0]
+
+
+def hidden_states_for_training(params, config, tokens):
+    """tokens: (B, T) -> h: (B, T, D), and the caches that stack_backward needs to turn a gradient dh
+    of any loss of h into the parameters' gradients."""
+    return run_stack(Weights(params, config), check_tokens(tokens, config), keep_caches=True)
+
+
+def forward(params, config, tokens, kv_cache=None):
+    """tokens: (B, T) ints -> logits: (B, T, V) in the compute dtype (float32, or float64 for float64
+    params), on the parameters' device. With a KVCache, the tokens follow the positions it holds."""
+    weights = Weights(params, config)
+    return logits(weights, run_stack(weights, check_tokens(tokens, config), kv_cache)[0])
+
+
+def logits(weights, h):
+    """z = h W_headᵀ: (..., D) -> (..., V)."""
+    return linear.product(h, weights.head)
+
+
+def check_targets(targets, tokens, config):
+    targets = np.asarray(backend.to_host(targets))
     if targets.shape != tokens.shape:
         raise ValueError(f"targets shape {targets.shape} differs from tokens shape {tokens.shape}")
     if targets.dtype.kind not in "iu":
@@ -150,72 +383,28 @@ def _check_targets(targets, tokens, config, xp):
         raise ValueError(f"targets must lie in [0, {config.vocab_size}) or be {lm_head.IGNORE_INDEX}")
     if not bool(valid.any()):
         raise ValueError(f"every target is the ignore index ({lm_head.IGNORE_INDEX}): the loss is undefined")
-    return targets, valid
+    return targets
 
 
 def loss(params, config, tokens, targets):
     """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T), without
     gradients (evaluation). Returns a float."""
-    xp = backend.array_module(lora.base(params[EMBEDDING]))
-    tokens = _check_tokens(tokens, config, xp)
-    targets, _ = _check_targets(targets, tokens, config, xp)
-    h = _run_stack(params, config, tokens, keep_caches=False)[0]
-    return float(lm_head.forward(h, head_weight(params, config), targets)[0])
+    tokens = check_tokens(tokens, config)
+    targets = check_targets(targets, tokens, config)
+    weights = Weights(params, config)
+    h = run_stack(weights, tokens)[0]
+    return float(lm_head.forward(h, weights.head, weights.xp.asarray(targets))[0])
 
 
-def loss_and_grads(params, config, tokens, targets):
-    """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T),
-    and its gradient for every parameter. Returns (loss: float, grads: dict like params).
-    Parameters wrapped in lora.Frozen get no gradient; their adapters' gradients are returned under
-    the adapters' names (lora.adapter_names).
-
-    On the CPU the batch is split into one shard per core, computed at the same time (shards.py). The
-    loss is a mean over valid targets, so each shard's loss and gradient count by its share of them."""
-    xp = backend.array_module(lora.base(params[EMBEDDING]))
-    tokens = _check_tokens(tokens, config, xp)
-    targets, valid = _check_targets(targets, tokens, config, xp)
-
-    frozen = any(isinstance(value, lora.Frozen) for value in params.values())
-    workers = backend.cpu_workers() if xp is np and not frozen else 1  # the shard pool shares plain arrays
-    split = np.array_split(np.arange(tokens.shape[0]), min(workers, tokens.shape[0]))
-    row_groups = [rows for rows in split if valid[rows].any()]  # a shard with nothing to predict adds 0
-    if len(row_groups) == 1:
-        return shard_loss_and_grads(params, config, tokens, targets)
-    shares = [float(valid[rows].sum() / valid.sum()) for rows in row_groups]
-    losses, grads = shards.pool(workers - 1).run(
-        params, config, [(tokens[rows], targets[rows], share) for rows, share in zip(row_groups, shares)],
-        lambda shard: shard_loss_and_grads(params, config, *shard))
-    return sum(share * loss for share, loss in zip(shares, losses, strict=True)), grads
-
-
-def shard_loss_and_grads(params, config, tokens, targets, dloss=1.0):
-    """The loss of one shard, on checked inputs, and the gradient of dloss × that loss: a shard
-    holding this share of the batch's valid targets adds share × its gradient to the batch's."""
-    h, caches = _run_stack(params, config, tokens, keep_caches=True)
-    loss, head_cache = lm_head.forward(h, head_weight(params, config), targets)
-    dh, d_head = lm_head.backward(dloss, head_cache)
-    head = {LM_HEAD: d_head} if not config.tie_word_embeddings else {EMBEDDING: d_head}
-    return float(loss), stack_backward(params, config, dh, caches, head)
-
-
-def hidden_states_for_training(params, config, tokens):
-    """tokens: (B, T) -> the final normed hidden states h: (B, T, D), and the caches that
-    stack_backward needs to turn a gradient dh of any loss of h into the parameters' gradients."""
-    tokens = _check_tokens(tokens, config, backend.array_module(lora.base(params[EMBEDDING])))
-    return _run_stack(params, config, tokens, keep_caches=True)
-
-
-def stack_backward(params, config, dh, caches, extra=None):
-    """The backward pass of _run_stack: dh (B, T, D) -> grads by name (lora.named_grads: frozen weights
-    have none). extra: gradients of parameters used after the stack (the LM head), added in."""
-    embed_cache, block_caches, norm_cache = caches
-    grads = {}
-    dx, grads[FINAL_NORM] = rmsnorm.backward(dh, norm_cache)
-    for layer in reversed(range(config.num_hidden_layers)):
-        dx, block_grads = block_backward(dx, block_caches[layer])
-        grads.update({block_param_name(layer, short): g for short, g in block_grads.items()})
-    grads[EMBEDDING] = embedding.backward(dx, embed_cache)
-    for name, grad in (extra or {}).items():
-        if grad is not None:
-            grads[name] = grad if grads.get(name) is None else grads[name] + grad
-    return lora.named_grads({name: grads.get(name) for name in params})
+def loss_and_grads(params, config, tokens, targets, scale=1.0):
+    """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T), and the
+    gradient of scale × that loss for every trained parameter: (loss: float, grads: dict like params).
+    Weight objects (adapters.py) get no gradient, their adapters' gradients come under the adapters'
+    names (adapters.adapter_names). One process; the same inputs give the same numbers."""
+    tokens = check_tokens(tokens, config)
+    targets = check_targets(targets, tokens, config)
+    weights = Weights(params, config)
+    h, caches = run_stack(weights, tokens, keep_caches=True)
+    loss_value, head_cache = lm_head.forward(h, weights.head, weights.xp.asarray(targets))
+    dh, d_head = lm_head.backward(scale, head_cache)
+    return float(loss_value), stack_backward(dh, caches, {head_name(config): d_head})

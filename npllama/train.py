@@ -1,10 +1,14 @@
-"""Training on a token stream: the optimizer step, evaluation, checkpoints and logs.
+"""Training runs on a token stream: settings, start and resume, the optimizer step, evaluation,
+checkpoints and logs. Callable without the CLI: `start(...)` or `resume(...)`, then `run(...)`.
 
 One step (nanoGPT's recipe, with the Llama model of model.py):
     lr_t = learning_rate(t)                      linear warmup, then cosine decay to min_lr (adamw.py)
     g    = (1/A) Σ_a ∇ loss(batch_a)             A = grad_accum micro-batches of batch_size windows
     g   ← g · min(1, clip / ‖g‖)                 global-norm clipping
     θ   ← AdamW(θ, g, lr_t)
+Each micro-batch is cut into `workers` shards of rows, whose gradients are summed across the workers
+(runtime/parallel.py: helper processes on the CPU's cores), each shard weighted by its share of the
+valid targets. The sum depends on the shard count alone, a recorded setting, not on the machine.
 Batches are random windows of the training split, drawn from one seeded generator whose state is
 saved with each checkpoint. A resumed run draws the same batches at the same learning rates from the
 same parameters and moments, so on the CPU its losses equal the uninterrupted run's bit for bit.
@@ -19,29 +23,38 @@ Each checkpoint file is written atomically and records its step; resuming refuse
 """
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
 
-from . import adamw, backend, data, dtypes, generation, lora, safetensors_file, weights
-from .model import loss, loss_and_grads
+from . import adamw, adapters, backend, data, generation, model
+from .config import LlamaConfig
+from .errors import UserError, setting
+from .io import safetensors_file, weights
+from .ops.lm_head import IGNORE_INDEX
+from .runtime import cpu, parallel
 
 MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.safetensors"
 LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's checkpoint: the adapters alone
 STEP_KEY, TRAIN_KEY = "npllama.train_step", "npllama.train"
 LOG_FIELDS = ["step", "lr", "loss", "grad_norm", "tokens_per_second", "elapsed_seconds", "train_loss", "val_loss"]
+DEFAULT_SHAPE = "shakespeare-char"  # nanoGPT's CPU recipe as a Llama; the vocabulary comes from the data
+RESUME_ADJUSTABLE = ("max_iters", "eval_interval", "eval_iters", "sample_tokens")  # no effect on the updates
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """Training cannot start or go on (message is one line, fit for the user)."""
 
 
 @dataclasses.dataclass
 class TrainSettings:
+    """Everything a run is trained with, besides the model and the data: the only home of the defaults."""
     batch_size: int = 12
     grad_accum: int = 1
     max_iters: int = 2000
@@ -64,44 +77,46 @@ class TrainSettings:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on frozen weights
     lora_alpha: float = None  # adapters scale by alpha / rank; None: alpha = rank
     lora_targets: tuple = ("q_proj", "v_proj")
+    workers: int = None  # shards per batch, summed across workers; None: the usable cores (1 on a GPU)
 
     def __post_init__(self):
         if self.decay_iters is None:
             self.decay_iters = self.max_iters
+        if self.lora_alpha and not self.lora_rank:
+            raise TrainError(f"{setting('lora_alpha')} scales LoRA adapters: give {setting('lora_rank')} too")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
+        if self.workers is None:
+            self.workers = parallel.default_count()
         self.lora_targets = tuple(self.lora_targets)
         self.validate()
 
     @property
     def lora_scale(self):
-        return self.lora_alpha / self.lora_rank
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     def validate(self):
-        positive = ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters")
-        for name in positive:
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "workers"):
             if getattr(self, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise TrainError(f"{setting(name)} must be at least 1, got {getattr(self, name)}")
         if self.context is not None and self.context < 1:
-            raise TrainError(f"--context must be at least 1, got {self.context}")
+            raise TrainError(f"{setting('context')} must be at least 1, got {self.context}")
         for name in ("warmup", "sample_tokens", "weight_decay", "grad_clip", "min_lr"):
             if getattr(self, name) < 0:
-                raise TrainError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+                raise TrainError(f"{setting(name)} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise TrainError(f"--lr must be positive, got {self.lr}")
+            raise TrainError(f"{setting('lr')} must be positive, got {self.lr}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise TrainError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
+                raise TrainError(f"{setting(name)} must lie in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
-            raise TrainError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+            raise TrainError(f"{setting('val_fraction')} must lie in [0, 1), got {self.val_fraction}")
         if self.lora_rank < 0:
-            raise TrainError(f"--lora-rank must not be negative, got {self.lora_rank}")
+            raise TrainError(f"{setting('lora_rank')} must not be negative, got {self.lora_rank}")
         if self.lora_rank and not self.init:
-            raise TrainError("--lora-rank trains adapters on a pretrained model: give its weights with --init")
-        try:
-            lora.check_targets(self.lora_targets)
-        except ValueError as error:
-            raise TrainError(str(error)) from None
+            raise TrainError(f"{setting('lora_rank')} trains adapters on a pretrained model: give its weights "
+                             f"with {setting('init')}")
+        adapters.check_targets(self.lora_targets)
 
 
 @dataclasses.dataclass
@@ -114,19 +129,33 @@ class StepReport:
     elapsed_seconds: float
 
 
-def trainable(params, dtype="fp32"):
-    """Writable copies of params on the active device, in the master dtype (bf16/fp16 widened)."""
-    master = np.dtype(dtypes.resolve(dtype))
-    return {name: backend.to_device(np.array(dtypes.compute_array(np.asarray(backend.to_host(value)), master)))
-            for name, value in params.items()}
+# ---- the step's gradient, summed across workers ---------------------------------------------------------
+def shard_loss_and_grads(arrays, config, lora_scale, tokens, targets, scale):
+    """One shard's loss, and the gradient of scale × that loss (the task each worker runs)."""
+    return model.loss_and_grads(adapters.with_adapters(arrays, lora_scale), config, tokens, targets, scale)
 
 
-def accumulated_loss_and_grads(params, config, micro_batches):
+def sharded_loss_and_grads(arrays, config, tokens, targets, shards=1, workers=None, lora_scale=0.0):
+    """The batch's mean loss and its gradient for the trained arrays, the batch cut into `shards` shards
+    of rows summed across `workers` (parallel.py; default: the seam for that many shards). A shard weighs
+    by its share of the valid targets; one without any adds nothing and is left out."""
+    tokens = model.check_tokens(tokens, config)
+    targets = model.check_targets(targets, tokens, config)
+    valid = targets != IGNORE_INDEX
+    rows = [rows for rows in np.array_split(np.arange(len(tokens)), min(shards, len(tokens))) if valid[rows].any()]
+    shares = [float(valid[r].sum() / valid.sum()) for r in rows]
+    tasks = [(config, lora_scale, tokens[r], targets[r], share) for r, share in zip(rows, shares)]
+    trained = adapters.split(arrays)[1] if lora_scale else arrays
+    losses, grads = (workers or parallel.workers(len(tasks))).run(shard_loss_and_grads, arrays, tasks, list(trained))
+    return sum(share * loss for share, loss in zip(shares, losses, strict=True)), grads
+
+
+def accumulated_loss_and_grads(arrays, config, micro_batches, shards=1, workers=None, lora_scale=0.0):
     """The mean loss and gradient over equally sized micro-batches [(tokens, targets), ...]:
     g = (1/A) Σ_a ∇ loss_a, which equals the gradient of the whole batch when every target counts."""
     total_loss, total = 0.0, None
     for tokens, targets in micro_batches:
-        micro_loss, grads = loss_and_grads(params, config, tokens, targets)
+        micro_loss, grads = sharded_loss_and_grads(arrays, config, tokens, targets, shards, workers, lora_scale)
         total_loss += micro_loss / len(micro_batches)
         if total is None:
             total = {name: grad / len(micro_batches) for name, grad in grads.items()}
@@ -136,34 +165,46 @@ def accumulated_loss_and_grads(params, config, micro_batches):
     return total_loss, total
 
 
+def optimizer_step(arrays, config, optimizer, micro_batches, lr, grad_clip, shards=1, workers=None, lora_scale=0.0):
+    """One step: the gradient (accumulated over the micro-batches, summed across workers), clipped to
+    grad_clip (0: not clipped), then AdamW at lr. Returns (loss, gradient norm before clipping); the
+    arrays are not updated when either is not finite."""
+    loss, grads = accumulated_loss_and_grads(arrays, config, micro_batches, shards, workers, lora_scale)
+    norm = adamw.clip_grad_norm(grads, grad_clip or None)
+    if math.isfinite(loss) and math.isfinite(norm):
+        optimizer.step(arrays, grads, lr=lr)
+    return loss, norm
+
+
+# ---- a run ------------------------------------------------------------------------------------------
 class TrainingRun:
     """One run: model, tokenizer, optimizer, data order and step, saved and restored as a whole.
 
     params are what the optimizer trains: the model's parameters, or in a LoRA run the adapters, which
-    are attached to the frozen base_params (lora.py) to make the model's weights."""
+    are attached to the frozen base_params (adapters.py) to make the model's weights."""
 
     def __init__(self, directory, config, params, tokenizer, settings, ids, data_info,
                  optimizer=None, step=0, rng_state=None, elapsed=0.0, base_params=None):
         self.directory, self.config, self.params, self.tokenizer = directory, config, params, tokenizer
-        self.model_params = lora.attach(base_params, params, settings.lora_scale) if settings.lora_rank else params
+        self.arrays = {**base_params, **params} if settings.lora_rank else params  # what the workers share
+        self.model_params = adapters.with_adapters(self.arrays, settings.lora_scale)
         self.settings, self.data_info = settings, data_info
         os.makedirs(directory, exist_ok=True)
         if settings.context is not None and settings.context > config.max_position_embeddings:
-            raise TrainError(f"--context {settings.context} is longer than the model's context "
+            raise TrainError(f"{setting('context')} {settings.context} is longer than the model's context "
                              f"({config.max_position_embeddings})")
         self.train_ids, self.val_ids = data.split(ids, settings.val_fraction)
-        try:
-            data.check_long_enough(self.train_ids, self.val_ids, self.context)
-        except data.DataError as error:
-            raise TrainError(str(error)) from None
+        data.check_long_enough(self.train_ids, self.val_ids, self.context)
         self.optimizer = optimizer or adamw.AdamW(settings.lr, (settings.beta1, settings.beta2),
                                                   weight_decay=settings.weight_decay)
+        self.workers = parallel.workers(settings.workers)
         self.step = step
         self.rng = np.random.default_rng(settings.seed)
         if rng_state is not None:
             self.rng.bit_generator.state = rng_state
         self.started = time.perf_counter() - elapsed  # elapsed_seconds continue across a resume
         self.saved_step = step if optimizer is not None else None  # a resumed run starts from a checkpoint
+        cpu.keep_freed_memory()
 
     @property
     def context(self):
@@ -171,17 +212,16 @@ class TrainingRun:
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def train_step(self):
-        """Draw grad_accum batches, compute the gradient, clip, update. Returns a StepReport; the
-        parameters are not updated when the loss or the gradient is not finite."""
+        """Draw grad_accum batches and take one optimizer step (optimizer_step). Returns a StepReport;
+        the step does not advance when the loss or the gradient is not finite."""
         s = self.settings
         started = time.perf_counter()
         lr = adamw.learning_rate(self.step, s.lr, s.min_lr, s.warmup, s.decay_iters)
         batches = [data.random_batch(self.train_ids, s.batch_size, self.context, self.rng)
                    for _ in range(s.grad_accum)]
-        step_loss, grads = accumulated_loss_and_grads(self.model_params, self.config, batches)
-        norm = adamw.clip_grad_norm(grads, s.grad_clip or None)
+        step_loss, norm = optimizer_step(self.arrays, self.config, self.optimizer, batches, lr, s.grad_clip,
+                                         s.workers, self.workers, s.lora_scale)
         if math.isfinite(step_loss) and math.isfinite(norm):
-            self.optimizer.step(self.params, grads, lr=lr)
             self.step += 1
         seconds = time.perf_counter() - started
         tokens = s.batch_size * s.grad_accum * self.context
@@ -197,7 +237,7 @@ class TrainingRun:
             if len(ids) == 0:
                 means[split] = None
                 continue
-            losses = [loss(self.model_params, self.config, *data.random_batch(ids, self.settings.batch_size,
+            losses = [model.loss(self.model_params, self.config, *data.random_batch(ids, self.settings.batch_size,
                                                                          self.context, rng))
                       for _ in range(self.settings.eval_iters)]
             means[split] = float(np.mean(losses))
@@ -247,13 +287,6 @@ def _identity(path):
     return [[os.path.basename(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
 
 
-def _read_safetensors(path):
-    try:
-        return safetensors_file.read(path)
-    except safetensors_file.SafetensorsError as error:
-        raise TrainError(str(error)) from None
-
-
 @dataclasses.dataclass
 class Checkpoint:
     config: object
@@ -268,8 +301,8 @@ def load_checkpoint(directory):
     """The last checkpoint of a run directory."""
     optimizer_path = os.path.join(directory, OPTIMIZER_FILE)
     if not os.path.isfile(optimizer_path):
-        raise TrainError(f"--resume: {directory} has no checkpoint ({OPTIMIZER_FILE} is missing)")
-    metadata, tensors = _read_safetensors(optimizer_path)
+        raise TrainError(f"{setting('resume')}: {directory} has no checkpoint ({OPTIMIZER_FILE} is missing)")
+    metadata, tensors = safetensors_file.read(optimizer_path)
     try:
         state = json.loads(metadata[TRAIN_KEY])
         settings = TrainSettings(**state["settings"])
@@ -280,8 +313,9 @@ def load_checkpoint(directory):
         raise TrainError(f"{optimizer_path} is not an npllama training checkpoint")
     checkpoint_path = os.path.join(directory, ADAPTERS_FILE if settings.lora_rank else MODEL_FILE)
     if not os.path.isfile(checkpoint_path):
-        raise TrainError(f"--resume: {directory} has no checkpoint ({os.path.basename(checkpoint_path)} is missing)")
-    checkpoint_step = _read_safetensors(checkpoint_path)[0].get(STEP_KEY)
+        raise TrainError(f"{setting('resume')}: {directory} has no checkpoint "
+                         f"({os.path.basename(checkpoint_path)} is missing)")
+    checkpoint_step = safetensors_file.read(checkpoint_path)[0].get(STEP_KEY)
     if checkpoint_step is None:
         raise TrainError(f"{checkpoint_path} is not a training checkpoint (it records no training step)")
     if int(checkpoint_step) != state["step"]:
@@ -293,16 +327,101 @@ def load_checkpoint(directory):
             raise TrainError(f"{settings.init}, the model these adapters were trained on, is missing or changed "
                              "since the run started; cannot resume exactly")
         config, base, tokenizer = weights.load(settings.init)
-        base_params = trainable(base, settings.dtype)
-        params = trainable(weights.load_adapters(checkpoint_path, config)[0], settings.dtype)
+        base_params = model.trainable(base, settings.dtype)
+        params = model.trainable(weights.load_adapters(checkpoint_path, config)[0], settings.dtype)
     else:
         config, params, tokenizer = weights.load(checkpoint_path)
-        params = trainable(params, settings.dtype)
+        params = model.trainable(params, settings.dtype)
     optimizer = adamw.AdamW(settings.lr, (settings.beta1, settings.beta2), weight_decay=settings.weight_decay)
     optimizer.load_state_dict({**state["optimizer"],
                                **{kind: {name: backend.to_device(np.array(tensors[f"{kind}/{name}"]))
                                          for name in params if f"{kind}/{name}" in tensors} for kind in ("m", "v")}})
     return Checkpoint(config, params, tokenizer, optimizer, state, base_params)
+
+
+# ---- start and resume -----------------------------------------------------------------------------------
+def start(directory, data_path=None, tokenizer=None, init=None, preset=None, model_settings=None, settings=None,
+          force=False):
+    """A new run in `directory` (made for it, and removed again when the run cannot start).
+
+    data_path: a UTF-8 text file (default: the built-in corpus). A new model takes the shape of `preset`
+    (default DEFAULT_SHAPE's) changed by model_settings (LlamaConfig fields, e.g. {"hidden_size": 64}),
+    with the vocabulary of `tokenizer` ('char', the default; 'bpe:N'; or a SentencePiece .model path).
+    init: weights to start from instead (continued pre-training, fine-tuning, LoRA); their shape and
+    tokenizer are the model's own. settings: TrainSettings (default: the defaults). force: start over in
+    a directory that holds a run."""
+    settings = settings or TrainSettings()
+    model_settings = {name: value for name, value in (model_settings or {}).items() if value is not None}
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise TrainError(f"{setting('out')} {directory} is a file; it names the run directory")
+    if init and (preset or model_settings):
+        raise TrainError(f"{setting('init')} takes the model's own shape: drop {setting('preset')} and the "
+                         f"model's settings ({setting('context')} may shorten the training windows)")
+    if init and tokenizer:
+        raise TrainError(f"{setting('init')} trains with the model's own tokenizer: drop {setting('tokenizer')}")
+    if os.path.exists(os.path.join(directory, OPTIMIZER_FILE)) and not force:
+        raise TrainError(f"{directory} already holds a training run; pass {setting('resume')} to continue it, "
+                         f"or {setting('force')} to start over")
+    made = not os.path.exists(directory)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        return _start(directory, data_path or data.BUILTIN_CORPUS, tokenizer, init, preset, model_settings, settings)
+    except BaseException:
+        if made:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _start(directory, data_path, tokenizer_spec, init, preset, model_settings, settings):
+    text = data.read_text(data_path)
+    if init:
+        config, params, tokenizer = weights.load(init)
+        if tokenizer is None:
+            raise TrainError(f"{init} has no tokenizer to read the data with")
+    else:
+        tokenizer = data.make_tokenizer(tokenizer_spec or "char", text, directory)
+        fields = {**LlamaConfig.preset(preset or DEFAULT_SHAPE).to_dict(), **model_settings}
+        if "num_attention_heads" in model_settings and "num_key_value_heads" not in model_settings:
+            fields["num_key_value_heads"] = model_settings["num_attention_heads"]
+        config = LlamaConfig.from_dict({**fields, "vocab_size": tokenizer.vocab_size})
+        params = model.init_params(config, seed=settings.seed)
+    ids, info = _read_data(text, data_path, tokenizer, directory,
+                           f"the tokenizer of {init}" if init else "the tokenizer")
+    params = model.trainable(params, settings.dtype)
+    if not settings.lora_rank:
+        return TrainingRun(directory, config, params, tokenizer, settings, ids, info)
+    lora = adapters.init_adapters(params, config, settings.lora_targets, settings.lora_rank, settings.lora_alpha,
+                                  settings.seed)
+    return TrainingRun(directory, config, lora, tokenizer, settings, ids, info, base_params=params)
+
+
+def _read_data(text, data_path, tokenizer, directory, tokenizer_name="the tokenizer"):
+    """The text's token ids (cached in the run directory) and what identifies the text."""
+    data.check_coverage(tokenizer, text, tokenizer_name, data_path)
+    info = {"path": os.path.abspath(data_path), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return data.token_ids(text, tokenizer, directory), info
+
+
+def resume(directory, data_path=None, **changes):
+    """The run in `directory`, from its last checkpoint, to go on exactly as it would have. Only the
+    settings in RESUME_ADJUSTABLE may change (e.g. max_iters=5000: train longer; the cosine still ends at
+    the saved decay_iters). data_path: the text, when it has moved (its contents must be the same)."""
+    fixed = [name for name in changes if name not in RESUME_ADJUSTABLE]
+    if fixed:
+        raise TrainError(f"{setting('resume')} continues with the run's own settings; {setting(fixed[0])} cannot "
+                         f"change (only {', '.join(setting(name) for name in RESUME_ADJUSTABLE)} can)")
+    checkpoint = load_checkpoint(directory)
+    state = checkpoint.state
+    settings = dataclasses.replace(TrainSettings(**state["settings"]), **changes)
+    if settings.max_iters < state["step"]:
+        raise TrainError(f"{setting('max_iters')} {settings.max_iters} is below the run's step {state['step']}")
+    data_path = data_path or state["data"]["path"]
+    ids, info = _read_data(data.read_text(data_path), data_path, checkpoint.tokenizer, directory)
+    if info["sha256"] != state["data"]["sha256"]:
+        raise TrainError(f"{info['path']} is not the text this run was trained on (its contents differ)")
+    return TrainingRun(directory, checkpoint.config, checkpoint.params, checkpoint.tokenizer, settings, ids, info,
+                       checkpoint.optimizer, state["step"], state["rng_state"], state.get("elapsed_seconds", 0.0),
+                       checkpoint.base_params)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -339,7 +458,7 @@ def _check_finite(training, values, step):
             kept = (f"the last checkpoint (step {training.saved_step}) in {training.directory} is kept"
                     if training.saved_step is not None else "no checkpoint had been written yet")
             raise TrainError(f"{what} became {value} at step {step}; training stopped and {kept}. Start again "
-                             "with a lower --lr or --grad-clip (and --force)")
+                             f"with a lower {setting('lr')} or {setting('grad_clip')} (and {setting('force')})")
 
 
 class _Log:
@@ -397,6 +516,6 @@ def evaluate_ids(params, config, ids, batch_size=8):
     total, count = 0.0, 0
     for tokens, targets in data.sequential_windows(ids, config.max_position_embeddings, batch_size):
         n = int((targets != -100).sum())
-        total += loss(params, config, tokens, targets) * n
+        total += model.loss(params, config, tokens, targets) * n
         count += n
     return total / count, count

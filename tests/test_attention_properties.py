@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from npllama import attention, backend, rope
+from npllama import backend, model
+from npllama.ops import rope
 from npllama.config import LlamaConfig
 
 
@@ -10,6 +11,12 @@ def rotation_table(xp, head_dim, time):
     config = LlamaConfig(vocab_size=8, hidden_size=head_dim, intermediate_size=8, num_hidden_layers=1,
                          num_attention_heads=1)
     return rope.tables(config, np.arange(time), np.float64, xp)
+
+
+def attend(x, wq, wk, wv, wo, rotation):
+    """The block's attention (model.py): fused projections, RoPE, the core, the output projection."""
+    head_dim = 2 * rotation.shape[-1]
+    return model.attention_forward(x, model.fused_qkv(wq, wk, wv, head_dim), wo, rotation, wq.shape[0] // head_dim)
 
 
 def random_attention_weights(xp, rng, n_heads, n_kv_heads, head_dim):
@@ -23,9 +30,9 @@ def test_causal(xp, rng):
     rotation = rotation_table(xp, 4, 6)
     weights = random_attention_weights(xp, rng, 2, 1, 4)
     x = xp.asarray(rng.standard_normal((1, 6, 8)))
-    y, _ = attention.forward(x, *weights, rotation)
+    y, _ = attend(x, *weights, rotation)
     x[0, 4] += 1.0
-    y_changed, _ = attention.forward(x, *weights, rotation)
+    y_changed, _ = attend(x, *weights, rotation)
     assert xp.allclose(y[0, :4], y_changed[0, :4], rtol=0, atol=1e-12)
     assert not xp.allclose(y[0, 4:], y_changed[0, 4:])
 
@@ -41,8 +48,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads(xp, rng):
     def repeat_heads(w):
         return xp.repeat(w.reshape(n_kv_heads, head_dim, -1), group, axis=0).reshape(n_heads * head_dim, -1)
 
-    y_gqa, _ = attention.forward(x, wq, wk, wv, wo, rotation)
-    y_mha, _ = attention.forward(x, wq, repeat_heads(wk), repeat_heads(wv), wo, rotation)
+    y_gqa, _ = attend(x, wq, wk, wv, wo, rotation)
+    y_mha, _ = attend(x, wq, repeat_heads(wk), repeat_heads(wv), wo, rotation)
     assert xp.allclose(y_gqa, y_mha, rtol=1e-12, atol=1e-12)
 
 

@@ -3,7 +3,8 @@ import sys
 import numpy as np
 import pytest
 
-from npllama import backend
+from npllama import backend, train
+from npllama.runtime import cpu
 
 
 def test_cpu(restore_backend):
@@ -47,17 +48,16 @@ def test_scatter_add_accumulates_repeats(xp):
 
 
 def test_usable_cores_follow_a_container_quota(tmp_path):
-    unlimited = backend.usable_cores(cpu_max=str(tmp_path / "absent"))
+    unlimited = cpu.usable_cores(cpu_max=str(tmp_path / "absent"))
     assert unlimited >= 1
     limits = tmp_path / "cpu.max"
     limits.write_text("max 100000\n")
-    assert backend.usable_cores(cpu_max=str(limits)) == unlimited
+    assert cpu.usable_cores(cpu_max=str(limits)) == unlimited
     limits.write_text("150000 100000\n")  # 1.5 CPUs: one whole core
-    assert backend.usable_cores(cpu_max=str(limits)) == 1
+    assert cpu.usable_cores(cpu_max=str(limits)) == 1
 
 
-def test_workers_setting_is_checked(restore_backend, monkeypatch):
+def test_workers_setting_is_checked(restore_backend):
     backend.use("cpu")
-    monkeypatch.setenv("NPLLAMA_WORKERS", "two")
-    with pytest.raises(backend.BackendError, match="NPLLAMA_WORKERS must be a positive integer, got 'two'"):
-        backend.cpu_workers()
+    with pytest.raises(train.TrainError, match="workers must be at least 1, got 0"):
+        train.TrainSettings(workers=0)

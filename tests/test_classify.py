@@ -7,9 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 import npllama
-from cli import main
-from npllama import backend, classify, lora, weights
-from npllama.tokenizer import CharTokenizer
+from npllama.cli import main
+from npllama import adapters as lora, backend, classify
+from npllama.io import weights
+from npllama.io.tokenizer import CharTokenizer
 from tests.conftest import ROOT
 from tests.gradcheck import numerical_grad, relative_error
 from tests.test_model_gradcheck import random_params
@@ -26,7 +27,7 @@ def test_head_backward(xp, rng):
 
     def loss():
         return classify.head_forward(h, weight, bias, labels)[0]
-    dh, dw, db = classify.head_backward(classify.head_forward(h, weight, bias, labels)[2])
+    dh, dw, db = classify.head_backward(classify.head_forward(h, weight, bias, labels)[1])
     for analytic, value in ((dh, h), (dw, weight), (db, bias)):
         assert relative_error(analytic, numerical_grad(loss, value)) < 1e-6
 
@@ -41,7 +42,7 @@ def test_finetuning_gradient_through_the_model(xp, rng, lora_rank):
         adapters = {name: xp.asarray(rng.standard_normal(value.shape) * 0.5) for name, value in
                     lora.init_adapters(params, CONFIG, ("q_proj", "v_proj"), lora_rank, 2, 0).items()}
         model = lora.attach(params, adapters, 1.5)
-    grads = classify._step_grads(model, CONFIG, head, batch)
+    grads = classify.batch_loss_and_grads(model, CONFIG, head, batch)[1]
     trained = {**(adapters if lora_rank else params), **{f"head.{k}": v for k, v in head.items()}}
     trained.pop("lm_head.weight", None)  # the LM head is not on the classifier's path: no gradient
     assert sorted(grads) == sorted(trained)

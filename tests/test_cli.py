@@ -3,7 +3,7 @@ import sys
 
 from click.testing import CliRunner
 
-from cli import main
+from npllama.cli import main
 from tests.conftest import ROOT
 
 

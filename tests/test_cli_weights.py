@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from npllama import backend, dtypes, safetensors_file, weights
+from npllama.cli import main
+from npllama import backend, dtypes
+from npllama.io import safetensors_file, weights
 from npllama.generation import generate
-from npllama.tokenizer import SentencePieceTokenizer
+from npllama.io.tokenizer import SentencePieceTokenizer
 from tests.conftest import ROOT
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "import")

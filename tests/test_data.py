@@ -8,8 +8,9 @@ import pytest
 import sentencepiece
 
 from npllama import data
+from npllama.cli import flag
 from npllama.data import DataError
-from npllama.tokenizer import CharTokenizer, SentencePieceTokenizer
+from npllama.io.tokenizer import CharTokenizer, SentencePieceTokenizer
 from tests.conftest import ROOT
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -384,7 +385,9 @@ def test_check_long_enough():
     with pytest.raises(DataError) as error:
         data.check_long_enough(np.arange(8), np.arange(100), context=8)
     assert str(error.value) == ("the data has 8 training tokens, fewer than one context window "
-                                "(context + 1 = 9); use more text or a smaller --context")
+                                "(context + 1 = 9); use more text or a smaller context")
+    assert error.value.message(flag) == ("the data has 8 training tokens, fewer than one context window "
+                                         "(context + 1 = 9); use more text or a smaller --context")
     with pytest.raises(DataError, match=r"^the data has 5 validation tokens, fewer than one context "
                                         r"window \(context \+ 1 = 9\)"):
         data.check_long_enough(np.arange(100), np.arange(5), context=8)

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from npllama import LlamaConfig, backend, forward, generation, init_params, weights
+from npllama import LlamaConfig, backend, forward, generation, init_params
+from npllama.io import weights
 from tests.conftest import ROOT
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "import")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import npllama
-from npllama import backend, linear, lora
+from npllama import adapters as lora, backend
+from npllama.ops import linear
 from tests.gradcheck import numerical_grad, relative_error
 from tests.test_model_gradcheck import random_params
 
@@ -22,18 +23,18 @@ def random_adapters(params, targets, xp, rng, rank=3):
 
 def test_adapted_linear_gradients(xp, rng):
     x = xp.asarray(rng.standard_normal((2, 5, 7)))
-    weight = lora.Frozen(xp.asarray(rng.standard_normal((6, 7))), a=xp.asarray(rng.standard_normal((3, 7))),
-                         b=xp.asarray(rng.standard_normal((6, 3))), scale=1.7)
+    weight = lora.Adapted(xp.asarray(rng.standard_normal((6, 7))), xp.asarray(rng.standard_normal((3, 7))),
+                          xp.asarray(rng.standard_normal((6, 3))), 1.7)
     dy = xp.asarray(rng.standard_normal((2, 5, 6)))
 
     def objective():
         return float((linear.forward(x, weight)[0] * dy).sum())
     y, cache = linear.forward(x, weight)
     dx, grad = linear.backward(dy, cache)
-    assert isinstance(grad, lora.AdapterGrad)
-    for analytic, value in ((dx, x), (grad.a, weight.a), (grad.b, weight.b)):
+    assert sorted(grad) == [lora.A_NAME, lora.B_NAME]
+    for analytic, value in ((dx, x), (grad[lora.A_NAME], weight.a), (grad[lora.B_NAME], weight.b)):
         assert relative_error(analytic, numerical_grad(objective, value)) < 1e-6
-    expected = x @ weight.weight.T + 1.7 * (x @ weight.a.T) @ weight.b.T
+    expected = x @ weight.values.T + 1.7 * (x @ weight.a.T) @ weight.b.T
     assert float(xp.abs(y - expected).max()) < 1e-12
 
 
@@ -104,8 +105,9 @@ def test_unknown_targets_are_refused():
 def test_lora_train_merge_and_generate(tmp_path):
     from click.testing import CliRunner
 
-    from cli import main
-    from npllama import train, weights
+    from npllama.cli import main
+    from npllama import train
+    from npllama.io import weights
     from tests.test_train import RUN_FLAGS, TEXT, TINY_FLAGS
 
     def cli(*args):
@@ -148,7 +150,7 @@ def test_an_interrupted_adapter_run_resumes_exactly(tmp_path):
     def adapter_run(directory):
         config, params, tokenizer = npllama.load(base.checkpoint_file)
         run_settings = train.TrainSettings(**{**vars(base.settings), "decay_iters": None, **settings})
-        params = train.trainable(params)
+        params = npllama.model.trainable(params)
         adapters = lora.init_adapters(params, config, settings["lora_targets"], 2, 3.0, run_settings.seed)
         return train.TrainingRun(str(directory), config, adapters, tokenizer, run_settings,
                                  np.array(tokenizer.encode(TEXT), np.uint16), base.data_info, base_params=params)
@@ -168,7 +170,7 @@ def test_an_interrupted_adapter_run_resumes_exactly(tmp_path):
         assert np.array_equal(resumed.params[name], straight.params[name]), name
 
     # what training computed with is what the saved adapters merge into (the same alpha / rank)
-    from npllama import weights
+    from npllama.io import weights
     adapters, info = weights.load_adapters(str(tmp_path / "cut" / train.ADAPTERS_FILE), resumed.config)
     tokens = np.array([resumed.tokenizer.encode(TEXT[:16])])
     trained_logits = npllama.forward(resumed.model_params, resumed.config, tokens)
@@ -185,8 +187,9 @@ def test_an_interrupted_adapter_run_resumes_exactly(tmp_path):
 def test_lora_bad_inputs(tmp_path):
     from click.testing import CliRunner
 
-    from cli import main
-    from npllama import train, weights
+    from npllama.cli import main
+    from npllama import train
+    from npllama.io import weights
     from tests.test_train import TEXT, TINY_FLAGS, assert_one_clear_line
 
     def cli(*args):

@@ -1,7 +1,8 @@
 """Ops keep their dtype and stay finite in half precision, as HF's do."""
 import numpy as np
 
-from npllama import backend, rmsnorm
+from npllama import backend
+from npllama.ops import rmsnorm
 
 
 def test_rmsnorm_float16_large_activations(xp):

@@ -1,4 +1,4 @@
-"""Weights kept as stored and widened block by block (streamed.py): products equal the dense ones, and
+"""Weights kept as stored and widened block by block (runtime/streamed.py): products equal the dense ones, and
 a decoder that streams its weights gives the logits of one that holds widened copies."""
 import os
 import threading
@@ -6,7 +6,10 @@ import threading
 import numpy as np
 import pytest
 
-from npllama import LlamaConfig, attention, backend, dtypes, generation, init_params, lora, streamed, weights
+from npllama import LlamaConfig, adapters as lora, backend, dtypes, generation, init_params
+from npllama.io import weights
+from npllama.ops import linear, rope
+from npllama.runtime import cpu, streamed
 from tests.conftest import ROOT
 
 
@@ -14,8 +17,8 @@ from tests.conftest import ROOT
 def workers(request, monkeypatch):
     """Small blocks, so every product has many, shared among this many threads."""
     monkeypatch.setattr(streamed, "BLOCK_BYTES", 5 * 8 * 8)  # 5 rows of 8 float64s or 10 of float32
-    monkeypatch.setattr(backend, "usable_cores", lambda: request.param)
-    if request.param > 1 and not backend.blas_threads_settable():
+    monkeypatch.setattr(cpu, "usable_cores", lambda: request.param)
+    if request.param > 1 and not cpu.blas_threads_settable():
         pytest.skip("BLAS's thread count cannot be set here, so products run on one thread")
     return request.param
 
@@ -26,7 +29,7 @@ def test_product_equals_the_widened_matrix_product(workers, rng, stored_dtype, s
     stored = dtypes.convert(rng.standard_normal((37, 8)), stored_dtype)
     widened = dtypes.compute_array(stored, np.float64)
     x = rng.standard_normal(shape)
-    y = streamed.Streamed.of(stored, np.float64).product(x)
+    y = linear.product(x, streamed.Streamed(stored, np.float64))
     assert y.shape == shape[:-1] + (37,) and y.dtype == np.float64
     np.testing.assert_allclose(y, x @ widened.T, rtol=1e-13, atol=1e-13)
 
@@ -35,39 +38,40 @@ def test_memory_mapped_weight(workers, rng, tmp_path):
     stored = np.lib.format.open_memmap(tmp_path / "w.npy", mode="w+", dtype=np.float16, shape=(29, 8))
     stored[:] = rng.standard_normal((29, 8))
     x = rng.standard_normal((2, 8))
-    np.testing.assert_allclose(streamed.Streamed.of(stored, np.float64).product(x),
+    np.testing.assert_allclose(linear.product(x, streamed.Streamed(stored, np.float64)),
                                x @ stored.astype(np.float64).T, rtol=1e-13, atol=1e-13)
 
 
 def test_reordered_scaled_and_stacked_parts(workers, rng):
+    """A Fused weight of streamed parts (each part's own product, its columns reordered and scaled)
+    computes what the stacked dense matrix does."""
     a, b = rng.standard_normal((12, 8)).astype(np.float16), rng.standard_normal((7, 8)).astype(np.float16)
-    first, second = rng.permutation(12), rng.integers(0, 12, 9)  # the second repeats and drops rows
-    weight = streamed.stack([(streamed.Streamed.of(a, np.float64) * 0.5)[first][second] * 0.5,
-                             streamed.Streamed.of(b, np.float64)])
-    dense = np.concatenate([a.astype(np.float64)[first][second] * 0.25, b.astype(np.float64)])
-    assert weight.shape == dense.shape
+    order = rng.permutation(12)
+    weight = linear.Fused([(streamed.Streamed(a, np.float64), order, 0.25), (streamed.Streamed(b, np.float64),)])
+    dense = np.concatenate([a.astype(np.float64)[order] * 0.25, b.astype(np.float64)])
+    assert weight.shape == dense.shape and weight.stacked is None
     x = rng.standard_normal((3, 8))
-    np.testing.assert_allclose(weight.product(x), x @ dense.T, rtol=1e-13, atol=1e-13)
-    with pytest.raises(ValueError, match="before stacking"):
-        weight * 2.0
-    with pytest.raises(IndexError, match=r"\[0, 12\)"):
-        streamed.Streamed.of(a, np.float64)[np.array([0, 12])]
+    np.testing.assert_allclose(linear.product(x, weight), x @ dense.T, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="must be a permutation of its 12 rows"):
+        linear.Fused([(streamed.Streamed(a, np.float64), np.array([0, 12] + list(range(2, 12))))])
+    with pytest.raises(TypeError, match="has no backward"):
+        linear.backward(np.ones((3, 19)), linear.forward(x, weight)[1])
 
 
 def test_weight_without_rows(workers):
-    y = streamed.Streamed.of(np.zeros((0, 8), np.float16), np.float32).product(np.ones((3, 8), np.float32))
+    y = linear.product(np.ones((3, 8), np.float32), streamed.Streamed(np.zeros((0, 8), np.float16), np.float32))
     assert y.shape == (3, 0)
 
 
-@pytest.mark.skipif(not backend.blas_threads_settable(), reason="BLAS's thread count cannot be set here")
+@pytest.mark.skipif(not cpu.blas_threads_settable(), reason="BLAS's thread count cannot be set here")
 def test_blas_threads_restored_after_overlapping_products(workers, rng):
-    set_threads, get_threads = backend._blas_thread_control()
+    set_threads, get_threads = cpu._blas_thread_control()
     before = get_threads()
     set_threads(2)
     try:
-        weight = streamed.Streamed.of(rng.standard_normal((64, 8)).astype(np.float16), np.float32)
+        weight = streamed.Streamed(rng.standard_normal((64, 8)).astype(np.float16), np.float32)
         x = rng.standard_normal((1, 8)).astype(np.float32)
-        threads = [threading.Thread(target=lambda: [weight.product(x) for _ in range(30)]) for _ in range(3)]
+        threads = [threading.Thread(target=lambda: [linear.product(x, weight) for _ in range(30)]) for _ in range(3)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -80,10 +84,15 @@ def test_blas_threads_restored_after_overlapping_products(workers, rng):
 def test_fused_qkv_weight_of_streamed_projections(workers, rng):
     head_dim = 4
     wq, wk, wv = (rng.standard_normal((rows, 8)).astype(np.float16) for rows in (16, 8, 8))
-    dense = attention.fused_qkv_weight(*(w.astype(np.float64) for w in (wq, wk, wv)), head_dim)
-    fused = attention.fused_qkv_weight(*(streamed.Streamed.of(w, np.float64) for w in (wq, wk, wv)), head_dim)
+
+    def fused(weight):
+        return linear.Fused([(weight(wq), rope.pair_order(16, head_dim), head_dim ** -0.5),
+                             (weight(wk), rope.pair_order(8, head_dim)), (weight(wv),)])
+    dense = fused(lambda w: w.astype(np.float64))
     x = rng.standard_normal((1, 2, 8))
-    np.testing.assert_allclose(fused.product(x), x @ dense.T, rtol=1e-13, atol=1e-13)
+    assert dense.stacked is not None
+    np.testing.assert_allclose(linear.product(x, fused(lambda w: streamed.Streamed(w, np.float64))),
+                               x @ dense.stacked.T, rtol=1e-13, atol=1e-13)
 
 
 CONFIG = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -118,7 +127,7 @@ def test_streaming_decoder_builds_lazily_imported_layers_as_they_run(workers, mo
     resident_tokens = generation.generate(params, config, tokens, 6)
     monkeypatch.setattr(backend, "free_memory", lambda: 0)
     decoder, streamed_logits = logits_of_each_step(params, tokens, prefill=2, config=config)
-    assert decoder._layers is None and decoder._head is None
+    assert decoder.weights.kept is None
     assert np.abs(streamed_logits - resident_logits).max() <= 1e-5 * np.abs(resident_logits).max()
     assert generation.generate(params, config, tokens, 6) == resident_tokens
 

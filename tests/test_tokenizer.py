@@ -5,7 +5,7 @@ import random
 import pytest
 import sentencepiece
 
-from npllama.tokenizer import (CharTokenizer, SentencePieceTokenizer, TokenizerError, from_metadata,
+from npllama.io.tokenizer import (CharTokenizer, SentencePieceTokenizer, TokenizerError, from_metadata,
                                load, to_metadata)
 from tests.conftest import ROOT
 

@@ -13,8 +13,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from npllama import dtypes, torch_pickle
-from npllama.torch_pickle import CheckpointFormatError, UnsafePickleError
+from npllama import dtypes
+from npllama.io import torch_pickle
+from npllama.io.torch_pickle import CheckpointFormatError, UnsafePickleError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "pth")
 FIXTURE_NAMES = ["all_dtypes", "meta_layout", "protocol_4"]

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from npllama import LlamaConfig, backend, init_params, loss_and_grads, safetensors_file, train, weights
-from npllama.tokenizer import CharTokenizer
+from npllama.cli import main
+from npllama import LlamaConfig, backend, init_params, loss_and_grads, model, train
+from npllama.io import safetensors_file, weights
+from npllama.io.tokenizer import CharTokenizer
 from tests.conftest import ROOT
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -30,7 +31,7 @@ def tiny_run(directory, dtype="fp32", **settings):
     settings = train.TrainSettings(**{"batch_size": 4, "max_iters": 12, "warmup": 2, "eval_interval": 4,
                                       "eval_iters": 2, "sample_tokens": 4, "dtype": dtype, **settings})
     ids = np.array(tokenizer.encode(TEXT), dtype=np.uint16)
-    return train.TrainingRun(str(directory), config, train.trainable(init_params(config, seed=5), dtype),
+    return train.TrainingRun(str(directory), config, model.trainable(init_params(config, seed=5), dtype),
                              tokenizer, settings, ids, {"path": "text", "sha256": "0"})
 
 
@@ -142,7 +143,7 @@ def test_train_generate_eval_end_to_end(tmp_path, text_file):
 
     evaluated = cli("eval", "--weights", out / train.MODEL_FILE, "--data", text_file)
     assert evaluated.exit_code == 0, evaluated.output
-    mean, count = train.evaluate_ids(train.trainable(params), config, tokenizer.encode(TEXT))
+    mean, count = train.evaluate_ids(model.trainable(params), config, tokenizer.encode(TEXT))
     assert count == len(TEXT) - 1
     assert evaluated.stdout == f"loss {mean:.4f} nats/token, perplexity {np.exp(mean):.3f}, over {count:,} tokens\n"
 

@@ -9,9 +9,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from npllama import dtypes, forward, safetensors_file, weights
-from npllama.model import LM_HEAD, parameter_shapes
-from npllama.tokenizer import CharTokenizer, SentencePieceTokenizer
+from npllama import dtypes, forward
+from npllama.config import LM_HEAD, parameter_shapes
+from npllama.io import meta, safetensors_file, weights
+from npllama.io.tokenizer import CharTokenizer, SentencePieceTokenizer
 from tests.conftest import ROOT
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "import")
@@ -57,7 +58,7 @@ def test_meta_config_is_read_off_params_json_and_the_tensors():
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "rms_norm_eps"):
         assert getattr(config, field) == hf[field], field
-    assert config.max_position_embeddings == weights.META_DEFAULT_CONTEXT  # params.json does not say
+    assert config.max_position_embeddings == meta.DEFAULT_CONTEXT  # params.json does not say
     assert isinstance(tokenizer, SentencePieceTokenizer) and tokenizer.vocab_size == config.vocab_size
 
 

@@ -10,27 +10,24 @@ Backward (g = dy ⊙ w is the gradient with respect to x̂):
     The second term comes from r depending on x: ∂r/∂x_j = −r³ x_j / D.
 Row sums of products are einsum contractions: one pass, no temporary array.
 """
-from . import backend, lora
+from .. import backend
 
 
 def forward(x, weight, eps):
-    """weight: (D,) array, or lora.Frozen (then backward returns None for it)."""
     xp = backend.array_module(x)
     wide = x.astype(xp.float32) if x.dtype == xp.float16 else x  # as HF: x² overflows fp16 past 256
     mean_square = xp.einsum("...d,...d->...", wide, wide)[..., None] / x.shape[-1]
     r = 1 / xp.sqrt(mean_square + eps)
     x_hat = (wide * r).astype(x.dtype, copy=False)
-    return x_hat * lora.base(weight), (x_hat, r, weight)
+    return x_hat * weight, (x_hat, r, weight)
 
 
 def backward(dy, cache):
     x_hat, r, weight = cache
     xp = backend.array_module(dy)
-    g = dy * lora.base(weight)
+    g = dy * weight
     dx = x_hat * (xp.einsum("...d,...d->...", g, x_hat)[..., None] / x_hat.shape[-1])
     xp.subtract(g, dx, out=dx)
     dx *= r
-    if isinstance(weight, lora.Frozen):
-        return dx, None
     dweight = xp.einsum("nd,nd->d", dy.reshape(-1, dy.shape[-1]), x_hat.reshape(-1, x_hat.shape[-1]))
     return dx, dweight

@@ -4,19 +4,24 @@ Forward:   x[b, t] = W[ids[b, t]]                     ids: (B, T) int   W: (V, D
 Backward:  dW[v] = Σ_{(b,t): ids[b,t] = v} dx[b, t]   dW: (V, D); rows of unused tokens stay zero.
            The ids are integers: no gradient flows to them, so backward returns dW alone.
 """
-from . import backend, lora
+from typing import NamedTuple
+
+from .. import backend
+
+
+class Cache(NamedTuple):
+    ids: object
+    shape: tuple
+    dtype: object
 
 
 def forward(weight, ids):
-    """weight: (V, D) array, or lora.Frozen (then backward returns None and does no work)."""
-    x = lora.base(weight)[ids]
-    return x, (ids, weight.shape, lora.base(weight).dtype, isinstance(weight, lora.Frozen))
+    """weight: (V, D); ids: (B, T) on the weight's device."""
+    return weight[ids], Cache(ids, weight.shape, weight.dtype)
 
 
 def backward(dx, cache):
-    ids, shape, dtype, frozen = cache
-    if frozen:
-        return None
+    ids, shape, dtype = cache
     xp = backend.array_module(dx)
     dweight = xp.zeros(shape, dtype=dtype)
     backend.scatter_add(dweight, ids.reshape(-1), dx.reshape(-1, shape[1]))

@@ -10,7 +10,8 @@ Backward:  dh = dy W_down,    dW_down = Σ dyᵀ h
            dx = dg W_gate + du W_up,   dW_gate = Σ dgᵀ x,   dW_up = Σ duᵀ x
 The (B, T, F) arrays are the largest in a block, so the elementwise steps update buffers in place.
 """
-from . import backend, linear
+from .. import backend
+from . import linear
 
 
 def sigmoid(x):
@@ -35,7 +36,7 @@ def forward(x, w_gate, w_up, w_down):
 
 
 def backward(dy, cache):
-    """Returns dx, dW_gate, dW_up, dW_down (each None when frozen, a lora.AdapterGrad when adapted)."""
+    """Returns dx, dW_gate, dW_up, dW_down (each what its weight returns: linear.py)."""
     u, sig, a, gate, up, down = cache
     dh, dw_down = linear.backward(dy, down)
     du = dh * a

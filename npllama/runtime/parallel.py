@@ -1,13 +1,24 @@
-"""Data parallelism on the CPU: the shards of one batch computed at the same time, one per core.
+"""Summing gradients across workers: the one seam of data parallelism.
 
-NumPy runs elementwise work on one core, and it holds Python's GIL through its many small reductions,
-so threads of one process keep waiting for each other; processes do not. The main process computes
-the first shard itself while each helper process (one per further core, started on first use,
-running `serve`) computes one more. Parameters and gradients travel through shared memory (files
-in /dev/shm, mapped by every process and then removed): each step copies the parameters in once,
-each helper writes its shard's gradients there, and the main process adds them to its own. Small
-messages (the config, the shard's tokens and targets, the loss) go through the helpers' stdin and
-stdout as pickles.
+A training step splits its batch into shards, each weighted so that the shards' gradients add up to
+the whole batch's; `run(task, arrays, shards, trained)` computes `task(arrays, *shard) -> (loss, grads)`
+for every shard and returns the losses and the sum of the gradients. Which worker computes which shard
+is the implementation's business; what the sum is depends only on the shards, added in their order,
+so a run is exact for a given shard count (the run's `workers` setting) on any machine:
+    OneProcess      every shard in this process, one after the other (a GPU; one core)
+    ShardPool       on the CPU, one process per shard: this one and helpers (below)
+    (next: MPI across processes and machines, NCCL across GPUs)
+The task is a module-level function, passed to helpers by name (pickle), so this module knows nothing
+of the model.
+
+The shard pool. NumPy runs elementwise work on one core, and it holds Python's GIL through its many
+small reductions, so threads of one process keep waiting for each other; processes do not. The main
+process computes the first shard itself while each helper process (started on first use, running
+`serve`) computes one more, each with BLAS on one thread. The arrays and the gradients travel through
+shared memory (files in /dev/shm, mapped by every process and then removed): each step copies the
+arrays in once, each helper writes its shard's gradients there, and the main process adds them to
+its own. Small messages (the task, the shard, the loss) go through the helpers' stdin and stdout as
+pickles.
 """
 import atexit
 import os
@@ -22,14 +33,46 @@ import traceback
 
 import numpy as np
 
-from . import backend
+from .. import backend
+from ..errors import UserError
+from . import cpu
 
 ALIGNMENT = 64  # bytes: each array starts on a cache line
 SHARED_DIRECTORY = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # RAM-backed on Linux
 
 
-class HelperError(RuntimeError):
+class HelperError(UserError):
     """A helper process failed or exited (message fit for the user)."""
+
+
+class OneProcess:
+    """Every shard computed here, in order."""
+    count = 1
+
+    def run(self, task, arrays, shards, trained=None):
+        losses, total = [], None
+        for shard in shards:
+            loss, grads = task(arrays, *shard)
+            losses.append(loss)
+            if total is None:
+                total = grads
+            else:
+                for name, grad in grads.items():
+                    total[name] += grad
+        return losses, total
+
+
+def default_count():
+    """One shard per usable core on the CPU (where BLAS's threads can be set to one each), else one."""
+    return cpu.usable_cores() if backend.device() == "cpu" and cpu.blas_threads_settable() else 1
+
+
+def workers(count):
+    """The seam for `count` shards: the CPU's shard pool with count − 1 helpers, or OneProcess for one
+    shard, on a GPU, or where BLAS's thread count cannot be set (the sum is the same)."""
+    if count == 1 or backend.device() != "cpu" or not cpu.blas_threads_settable():
+        return OneProcess()
+    return pool(count - 1)
 
 
 def _offsets(layout):
@@ -84,40 +127,45 @@ class ShardPool:
     step starts a new one."""
 
     def __init__(self, helpers):
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, NPLLAMA_DEVICE="cpu", NPLLAMA_WORKERS="1", OPENBLAS_NUM_THREADS="1",
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, NPLLAMA_DEVICE="cpu", OPENBLAS_NUM_THREADS="1",
                    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        command = [sys.executable, "-c", "from npllama.shards import serve; serve()"]
+        command = [sys.executable, "-c", "from npllama.runtime.parallel import serve; serve()"]
         # cwd: `python -c` imports from the working directory first; this one holds this npllama.
         self.helpers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                          cwd=package_parent) for _ in range(helpers)]
         self.owner = os.getpid()  # a forked child must not talk to its parent's helpers
-        self.layout = self.params = self.grads = None
+        self.layout = self.arrays = self.grads = None
         self.lock = threading.Lock()
 
     @property
     def closed(self):
         return not self.helpers
 
-    def run(self, params, config, shards, compute):
-        """compute(shard) -> (loss, grads) for shards[0] here, the others in the helpers.
-        A shard is (tokens, targets, dloss). Returns the list of losses and the sum of the gradients."""
+    @property
+    def count(self):
+        return len(self.helpers) + 1
+
+    def run(self, task, arrays, shards, trained=None):
+        """task(arrays, *shard) -> (loss, grads) for shards[0] here, the others in the helpers (at most
+        one each). arrays: name -> NumPy array; trained: the names whose gradients come back (default
+        all). Returns the list of losses and the sum of the gradients, added in the shards' order."""
         with self.lock:  # one step at a time: each helper answers in the order it was asked
             if self.closed or len(shards) - 1 > len(self.helpers):
                 raise HelperError(f"this pool has {len(self.helpers)} helpers for {len(shards) - 1} shards")
             try:
-                return self._run(params, config, shards, compute)
+                return self._run(task, arrays, shards, list(arrays) if trained is None else list(trained))
             except BaseException:
                 self.close(wait=False)
                 raise
 
-    def _run(self, params, config, shards, compute):
-        self._share(params)
+    def _run(self, task, arrays, shards, trained):
+        self._share(arrays, trained)
         busy = self.helpers[:len(shards) - 1]
         for helper, shard in zip(busy, shards[1:]):
-            self._ask(helper, ("shard", config, *shard))
-        with backend.single_threaded_blas():
-            loss, grads = compute(shards[0])
+            self._ask(helper, ("task", task, shard))
+        with cpu.single_threaded_blas():
+            loss, grads = task(arrays, *shards[0])
         losses = [loss]
         for helper, helper_grads in zip(busy, self.grads):
             losses.append(self._answer(helper))
@@ -125,29 +173,30 @@ class ShardPool:
                 grad += helper_grads[name]
         return losses, grads
 
-    def _share(self, params):
-        """Copy the parameters into shared memory, first laying it out anew if their shapes changed.
+    def _share(self, arrays, trained):
+        """Copy the arrays into shared memory, first laying it out anew if their shapes changed.
 
         The files are removed as soon as every helper has mapped them: nothing is left behind in
         /dev/shm, however the processes end."""
-        layout = [(name, array.shape, array.dtype.str) for name, array in params.items()]
-        if layout != self.layout:
-            self.layout = self.params = self.grads = None
-            size = _offsets(layout)[1]
+        layout = [(name, array.shape, array.dtype.str) for name, array in arrays.items()]
+        grads_layout = [entry for entry in layout if entry[0] in set(trained)]
+        if (layout, grads_layout) != self.layout:
+            self.layout = self.arrays = self.grads = None
             paths = []
             try:
-                paths = [_new_file(size) for _ in range(1 + len(self.helpers))]
+                paths = [_new_file(_offsets(layout)[1])] + [_new_file(_offsets(grads_layout)[1])
+                                                             for _ in self.helpers]
                 for helper, grads_path in zip(self.helpers, paths[1:]):
-                    self._ask(helper, ("layout", paths[0], grads_path, layout))
+                    self._ask(helper, ("layout", paths[0], layout, grads_path, grads_layout))
                 for helper in self.helpers:
                     self._answer(helper)
-                self.params, self.grads = _map(paths[0], layout), [_map(path, layout) for path in paths[1:]]
-                self.layout = layout
+                self.arrays, self.grads = _map(paths[0], layout), [_map(path, grads_layout) for path in paths[1:]]
+                self.layout = (layout, grads_layout)
             finally:
                 for path in paths:
                     os.remove(path)
-        for name, array in params.items():
-            self.params[name][...] = array
+        for name, array in arrays.items():
+            self.arrays[name][...] = array
 
     def _ask(self, helper, message):
         try:
@@ -177,7 +226,7 @@ class ShardPool:
         """Stop the helpers: at the end of their input when wait (they finish what they are doing),
         at once otherwise (after a failed step nobody will read their answers)."""
         helpers, self.helpers = self.helpers, []
-        self.layout = self.params = self.grads = None
+        self.layout = self.arrays = self.grads = None
         for helper in helpers:
             try:
                 helper.stdin.close()
@@ -216,12 +265,12 @@ def _close_pool():
 
 def serve():
     """A helper's loop: read messages from stdin, compute shards, answer on stdout."""
-    from . import model
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    backend.use("cpu")  # also tunes malloc for this process
+    backend.use("cpu")
+    cpu.keep_freed_memory()
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the replies
-    params = grads = None
+    arrays = grads = None
     while True:
         try:
             message = _receive(requests)
@@ -229,12 +278,12 @@ def serve():
             return
         try:
             if message[0] == "layout":
-                _, params_path, grads_path, layout = message
-                params, grads = _map(params_path, layout), _map(grads_path, layout)
+                _, arrays_path, layout, grads_path, grads_layout = message
+                arrays, grads = _map(arrays_path, layout), _map(grads_path, grads_layout)
                 _send(replies, ("mapped", None))
                 continue
-            _, config, tokens, targets, dloss = message
-            loss, shard_grads = model.shard_loss_and_grads(params, config, tokens, targets, dloss)
+            _, task, shard = message
+            loss, shard_grads = task(arrays, *shard)
             for name, grad in shard_grads.items():
                 grads[name][...] = grad
             _send(replies, ("done", loss))

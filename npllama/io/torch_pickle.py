@@ -40,7 +40,8 @@ import zipfile
 
 import numpy as np
 
-from .dtypes import BFLOAT16
+from ..dtypes import BFLOAT16
+from ..errors import UserError
 
 # torch's storage class -> the element type of its bytes (little-endian).
 STORAGE_DTYPES = {"DoubleStorage": np.dtype("<f8"), "FloatStorage": np.dtype("<f4"),
@@ -55,11 +56,11 @@ LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
 LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError):
     """The file is not a torch.save zip archive of tensors, or is damaged (message names the path)."""
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(UserError):
     """The pickle names a global a state dict does not need: loading it could run arbitrary code."""
 
 

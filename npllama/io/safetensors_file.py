@@ -15,13 +15,15 @@ import struct
 
 import numpy as np
 
-from . import dtypes, files
+from .. import dtypes
+from ..errors import UserError
+from . import files
 
 MAX_HEADER_BYTES = 100 << 20  # the reference implementation's limit too
 CODES = {dtype: code for code, dtype in dtypes.SAFETENSORS_CODES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError):
     """A file that is not a readable safetensors file (message is one line, names the file)."""
 
 

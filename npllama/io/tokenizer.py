@@ -25,10 +25,12 @@ import json
 
 import sentencepiece
 
+from ..errors import UserError
+
 REPLACEMENT_CHARACTER = "\ufffd"  # what sentencepiece prints for a byte that forms no character
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer, text or id that cannot be used (message is one line, fit for the user)."""
 
 

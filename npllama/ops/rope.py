@@ -19,11 +19,12 @@ rope_scaling (HF config.json):
    "original_max_position_embeddings"}   Llama 3.1: long wavelengths divided by f, short ones kept,
                                           the band between interpolated smoothly.
 """
+import functools
 import math
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
 
 def inverse_frequencies(head_dim, theta, scaling=None):
@@ -62,9 +63,13 @@ def _complex_dtype(real_dtype):
     return np.complex128 if np.dtype(real_dtype) == np.float64 else np.complex64
 
 
+@functools.lru_cache(maxsize=64)
 def pair_order(rows, head_dim):
-    """Row indices that put each head's rows i and i + hd/2 side by side: to_pairs(W) = W[pair_order]."""
-    return np.arange(rows).reshape(rows // head_dim, 2, head_dim // 2).transpose(0, 2, 1).reshape(-1)
+    """Row indices that put each head's rows i and i + hd/2 side by side: to_pairs(W) = W[pair_order]
+    (read-only: the same array is returned for the same arguments)."""
+    order = np.arange(rows).reshape(rows // head_dim, 2, head_dim // 2).transpose(0, 2, 1).reshape(-1)
+    order.setflags(write=False)
+    return order
 
 
 def half_order(rows, head_dim):

@@ -1,0 +1,39 @@
+"""npllama's command line: one module per group of commands, each parsing flags, calling the library and
+printing. No math and no run logic live here. `npllama COMMAND` (installed) and `python cli.py COMMAND`
+(from a checkout) are the same program."""
+import click
+
+from ..errors import UserError
+from . import classify, generate, models, train
+
+# Settings the library names in its messages whose flag is not simply --name-with-dashes.
+FLAGS = {"hidden_size": "--dim", "num_hidden_layers": "--n-layers", "num_attention_heads": "--n-heads",
+         "num_key_value_heads": "--n-kv-heads", "intermediate_size": "--hidden",
+         "max_position_embeddings": "--context", "tie_word_embeddings": "--tied"}
+
+
+def flag(name):
+    """The flag that sets a library setting."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+class _Commands(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:  # bad input: one line ("Error: ..."), exit status 1, no traceback
+            raise click.ClickException(error.message(flag)) from None
+        except OSError as error:  # unreadable files, full disks: the system's reason is the message
+            raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """npllama: LLaMA in NumPy/CuPy with every forward and backward pass written out.
+
+    Run `npllama COMMAND --help` (or `python cli.py COMMAND --help`) for a command's options."""
+
+
+for module in (models, generate, train, classify):
+    for command in module.COMMANDS:
+        main.add_command(command)

@@ -1,0 +1,29 @@
+"""What the command modules share: the device flag, reading flags' defaults from the library's settings,
+and telling flags the user gave from defaults."""
+import dataclasses
+import os
+
+import click
+
+from .. import backend
+
+
+def device_option(function):
+    return click.option("--device", type=click.Choice(backend.DEVICES), default="auto", show_default=True)(function)
+
+
+def default(settings_class, name):
+    """A field's default in a library settings dataclass: the one place defaults are written."""
+    return next(field.default for field in dataclasses.fields(settings_class) if field.name == name)
+
+
+def given(ctx, name):
+    """Whether the user gave this parameter (rather than Click filling in its default)."""
+    return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+
+
+def refuse_to_overwrite(path, force):
+    if os.path.isdir(path):
+        raise click.ClickException(f"{path} is a directory; --out names the weights file to write")
+    if os.path.exists(path) and not force:
+        raise click.ClickException(f"{path} exists; pass --force to overwrite it")

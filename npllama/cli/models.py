@@ -1,0 +1,87 @@
+"""Commands on model files: presets, load-weights, info, export-hf, merge-lora."""
+import os
+
+import click
+
+from ..config import PRESETS, LlamaConfig, human_count
+from ..io import tokenizer as tokenizers, weights
+from .common import refuse_to_overwrite
+
+
+@click.command()
+def presets():
+    """List the named model configurations (usable wherever a preset is asked for)."""
+    click.echo(f"{'name':<18}{'params':>8}{'dim':>7}{'layers':>8}{'heads':>7}{'kv':>5}{'hidden':>8}"
+               f"{'vocab':>8}{'context':>9}  tied")
+    for name in PRESETS:
+        c = LlamaConfig.preset(name)
+        click.echo(f"{name:<18}{human_count(c.num_parameters()):>8}{c.hidden_size:>7}"
+                   f"{c.num_hidden_layers:>8}{c.num_attention_heads:>7}{c.num_key_value_heads:>5}"
+                   f"{c.intermediate_size:>8}{c.vocab_size:>8}{c.max_position_embeddings:>9}"
+                   f"  {'yes' if c.tie_word_embeddings else 'no'}")
+
+
+@click.command("load-weights")
+@click.argument("source")
+@click.option("--out", required=True, help="The npllama weights file to write (e.g. weights/7b.safetensors).")
+@click.option("--tokenizer", "tokenizer_path", help="A SentencePiece .model to embed (replaces the source's).")
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True,
+              help="Dtype to store the tensors in.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def load_weights(source, out, tokenizer_path, dtype, force):
+    """Import SOURCE into one npllama weights file (config and tokenizer embedded).
+
+    SOURCE is an HF checkpoint directory (config.json, model.safetensors or sharded with an index,
+    tokenizer.model), a Meta directory (params.json, consolidated.NN.pth, tokenizer.model; read without
+    torch), a llama2.c .bin (legacy, or versioned 'ak42' v1/v2), or an npllama weights file."""
+    refuse_to_overwrite(out, force)
+    config, params, tokenizer = weights.load(source, tokenizer_path)
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    weights.save(out, config, params, tokenizer, dtype=None if dtype == "keep" else dtype)
+    click.echo(f"wrote {out}")
+    click.echo(weights.describe(*weights.load(out), path=out))
+
+
+@click.command()
+@click.argument("weights_path", metavar="WEIGHTS")
+def info(weights_path):
+    """Summarise a weights file or checkpoint: parameters, shape, dtype, tokenizer."""
+    on_disk = None if os.path.isdir(weights_path) else weights_path
+    click.echo(weights.describe(*weights.load(weights_path), path=on_disk))
+
+
+@click.command("export-hf")
+@click.argument("weights_path", metavar="WEIGHTS")
+@click.argument("outdir")
+@click.option("--force", is_flag=True, help="Write into OUTDIR even if it is not empty.")
+def export_hf(weights_path, outdir, force):
+    """Write WEIGHTS as an HF transformers directory (config.json, model.safetensors, tokenizer.model)."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.ClickException(f"{outdir} is a file; OUTDIR names the directory to write")
+    if os.path.isdir(outdir) and os.listdir(outdir) and not force:
+        raise click.ClickException(f"{outdir} is not empty; pass --force to write into it")
+    config, params, tokenizer = weights.load(weights_path)
+    weights.export_hf(outdir, config, params, tokenizer)
+    sentencepiece = isinstance(tokenizer, tokenizers.SentencePieceTokenizer)
+    click.echo(f"wrote {outdir} (config.json, model.safetensors{', tokenizer.model' if sentencepiece else ''})")
+    if tokenizer is not None and not sentencepiece:
+        click.echo(f"note: HF has no tokenizer format for {tokenizer.describe()}; keep using {weights_path} "
+                   "to encode and decode", err=True)
+
+
+@click.command("merge-lora")
+@click.argument("weights_path", metavar="WEIGHTS")
+@click.argument("adapters_path", metavar="ADAPTERS")
+@click.option("--out", required=True, help="The standalone weights file to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def merge_lora(weights_path, adapters_path, out, force):
+    """Fold LoRA ADAPTERS (a run's adapters.safetensors) into WEIGHTS: W' = W + (alpha/r)·B A."""
+    refuse_to_overwrite(out, force)
+    config, params, tokenizer = weights.load(weights_path)
+    adapters, info = weights.load_adapters(adapters_path, config)
+    weights.save(out, config, weights.merge_adapters(params, adapters, info["alpha"] / info["rank"]), tokenizer)
+    click.echo(f"wrote {out}: {len(adapters) // 2} adapters of rank {info['rank']} merged into {weights_path}")
+
+
+COMMANDS = [presets, load_weights, info, export_hf, merge_lora]

@@ -1,0 +1,176 @@
+"""The train and eval commands: flags in, train.start / train.resume / train.run called, progress out."""
+import math
+import os
+import signal
+import sys
+
+import click
+
+from .. import adapters, backend, data, model, train as training
+from ..config import PRESETS, human_count
+from ..io import weights
+from .common import default, device_option, given
+
+# flag -> the LlamaConfig field it sets for a new model
+MODEL_FLAGS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+               "n_kv_heads": "num_key_value_heads", "hidden": "intermediate_size",
+               "context": "max_position_embeddings", "tied": "tie_word_embeddings"}
+SETTINGS = training.TrainSettings
+
+
+def _lora_targets(ctx, param, value):
+    """'q,v' or 'q_proj,v_proj' -> ('q_proj', 'v_proj')."""
+    targets = tuple(name if name.endswith("_proj") else f"{name}_proj" for name in value.replace(" ", "").split(",")
+                    if name)
+    try:
+        adapters.check_targets(targets)
+    except ValueError:
+        raise click.BadParameter(f"choose among {', '.join(t[:-len('_proj')] for t in adapters.TARGETS)}, "
+                                 f"got {value!r}") from None
+    return targets
+
+
+def _setting(name, kind, **options):
+    """An option whose default is TrainSettings' own."""
+    return click.option("--" + name.replace("_", "-"), type=kind, default=default(SETTINGS, name), show_default=True,
+                        **options)
+
+
+@click.command("train")
+@click.option("--data", "data_path", help="A UTF-8 text file. Default: the built-in corpus, "
+              "npllama/corpus/shakespeare-sample.txt (about 100 KB of Shakespeare, no download).")
+@click.option("--out", help="The run directory (checkpoints, log.csv, curves.png). Default: runs/DATA-NAME.")
+@click.option("--tokenizer", "tokenizer_spec", help="char (default for a new model), bpe:N (train a SentencePiece "
+              "BPE of N pieces on the data) or PATH.model. With --init, the model's own.")
+@click.option("--init", "init_path", help="Start from these weights (a weights file or HF directory): continued "
+              "pre-training or fine-tuning with the model's tokenizer.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
+@click.option("--force", is_flag=True, help="Start a new run in --out even if one is there (overwrites it).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help=f"Model shape (default {training.DEFAULT_SHAPE}'s, "
+              "with the vocabulary of the tokenizer).")
+@click.option("--dim", type=click.IntRange(min=2), help="Hidden size.")
+@click.option("--n-layers", type=click.IntRange(min=1))
+@click.option("--n-heads", type=click.IntRange(min=1))
+@click.option("--n-kv-heads", type=click.IntRange(min=1), help="Key/value heads (GQA); default --n-heads.")
+@click.option("--hidden", type=click.IntRange(min=1), help="SwiGLU intermediate size.")
+@click.option("--context", type=click.IntRange(min=1), help="Context length (tokens per training window).")
+@click.option("--tied/--untied", default=None, help="Share the embedding with the output head.")
+@_setting("batch_size", click.IntRange(min=1))
+@_setting("grad_accum", click.IntRange(min=1), help="Micro-batches per optimizer step.")
+@_setting("max_iters", click.IntRange(min=1))
+@_setting("lr", click.FloatRange(min=0, min_open=True))
+@_setting("min_lr", click.FloatRange(min=0))
+@_setting("warmup", click.IntRange(min=0))
+@_setting("weight_decay", click.FloatRange(min=0))
+@_setting("beta1", click.FloatRange(0, 1, max_open=True))
+@_setting("beta2", click.FloatRange(0, 1, max_open=True))
+@_setting("grad_clip", click.FloatRange(min=0), help="0 disables.")
+@_setting("eval_interval", click.IntRange(min=1))
+@_setting("eval_iters", click.IntRange(min=1))
+@_setting("val_fraction", click.FloatRange(0, 1, max_open=True), help="The last part of the data kept for validation.")
+@_setting("seed", int)
+@_setting("sample_tokens", click.IntRange(min=0), help="Tokens generated at each evaluation.")
+@device_option
+@_setting("dtype", click.Choice(["fp32", "fp64"]), help="Parameters and optimizer state.")
+@_setting("lora_rank", click.IntRange(min=0),
+          help="With --init: train LoRA adapters of this rank on the frozen model (0: train every weight).")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True),
+              help="Adapters are scaled by alpha / rank (default alpha = rank).")
+@click.option("--lora-targets", default=",".join(name[:-len("_proj")] for name in default(SETTINGS, "lora_targets")),
+              show_default=True, callback=_lora_targets, help="Projections that get adapters, among q,k,v,o,gate,up,down.")
+@click.option("--workers", type=click.IntRange(min=1), help="Shards per batch, their gradients summed across "
+              "workers (processes on the CPU's cores); recorded, so a resumed run sums the same. Default: the "
+              "usable cores (1 on a GPU).")
+@click.pass_context
+def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force, preset, device, **flags):
+    """Train a Llama on a text file: checkpoints, log.csv and curves.png in the run directory."""
+    if not flags["lora_rank"] and (given(ctx, "lora_alpha") or given(ctx, "lora_targets")):
+        raise click.ClickException("--lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank too")
+    backend.use(device)
+    model_settings = {MODEL_FLAGS[name]: flags.pop(name) for name in MODEL_FLAGS}
+    if init_path:  # the model's shape is given; --context only shortens the training windows
+        flags["context"] = model_settings.pop("max_position_embeddings")
+    out = out or os.path.join("runs", os.path.splitext(os.path.basename(data_path or data.BUILTIN_CORPUS))[0])
+    if resume:
+        if force:
+            raise click.ClickException("--resume continues the run in --out and --force starts it over: choose one")
+        run = training.resume(out, data_path, **_given_settings(ctx, flags, tokenizer_spec, init_path, preset))
+    else:
+        settings = SETTINGS(**flags, init=os.path.abspath(init_path) if init_path else None)
+        run = training.start(out, data_path, tokenizer_spec, settings.init, preset, model_settings, settings, force)
+    if run.settings.lora_rank:
+        trained = sum(int(value.size) for value in run.params.values())
+        click.echo(f"LoRA rank {run.settings.lora_rank} (alpha {run.settings.lora_alpha:g}) on "
+                   f"{', '.join(run.settings.lora_targets)}: {human_count(trained)} trained parameters")
+    click.echo(f"{out}: {human_count(run.config.num_parameters())} parameters, {run.tokenizer.describe()}, "
+               f"{len(run.train_ids):,} training and {len(run.val_ids):,} validation tokens; "
+               f"step {run.step} of {run.settings.max_iters}; {run.settings.workers} worker(s); {backend.describe()}")
+    _train_with_progress(run, out)
+
+
+def _given_settings(ctx, flags, tokenizer_spec, init_path, preset):
+    """The settings the user gave on the command line, by the library's names (train.resume refuses
+    those that would change the updates)."""
+    named = {"context": "context", "tokenizer_spec": "tokenizer", "init_path": "init", "preset": "preset",
+             **{flag: field for flag, field in MODEL_FLAGS.items() if flag != "context"}, **{n: n for n in flags}}
+    values = {**flags, "tokenizer_spec": tokenizer_spec, "init_path": init_path, "preset": preset}
+    return {named[name]: ctx.params.get(name, values.get(name)) for name in named if given(ctx, name)}
+
+
+def _train_with_progress(run, out):
+    """The loop with a progress bar; Ctrl-C saves a checkpoint and exits cleanly (twice: at once)."""
+    interrupted = []
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops without waiting
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+
+    def show(report):
+        return "" if report is None else \
+            f"loss {report.loss:.4f}  lr {report.lr:.2e}  {report.tokens_per_second:,.0f} tok/s"
+
+    def on_eval(step, means, sample):
+        val = "n/a" if means["val"] is None else f"{means['val']:.4f}"
+        click.echo(f"\nstep {step}: train loss {means['train']:.4f}, val loss {val}")
+        if sample:
+            click.echo("  " + sample.strip().replace("\n", "\n  "))
+
+    try:
+        with click.progressbar(length=run.settings.max_iters - run.step, label="training", file=sys.stderr,
+                               item_show_func=show, show_eta=True) as bar:
+            outcome = training.run(run, should_stop=lambda: bool(interrupted),
+                                   on_step=lambda report: bar.update(1, report), on_eval=on_eval)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if outcome == "interrupted":
+        click.echo(f"interrupted at step {run.step}: checkpoint saved; continue with "
+                   f"`python cli.py train --out {out} --resume`", err=True)
+        sys.exit(130)
+    curves = training.plot_curves(out)
+    click.echo(f"done: step {run.step}; wrote {run.checkpoint_file} and {os.path.join(out, training.LOG_FILE)}")
+    click.echo(f"wrote {curves}" if curves else "matplotlib is not installed: no curves.png "
+               "(pip install matplotlib); the losses are in log.csv")
+
+
+@click.command("eval")
+@click.option("--weights", "weights_path", required=True, help="A weights file or HF checkpoint directory.")
+@click.option("--data", "data_path", required=True, help="A UTF-8 text file.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@device_option
+def eval_command(weights_path, data_path, batch_size, device):
+    """Mean loss and perplexity of a model over a whole text file (with the model's tokenizer)."""
+    backend.use(device)
+    config, params, tokenizer = weights.load(weights_path)
+    if tokenizer is None:
+        raise click.ClickException(f"{weights_path} has no tokenizer to read the text with")
+    text = data.read_text(data_path)
+    data.check_coverage(tokenizer, text, f"the tokenizer of {weights_path}", data_path)
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise click.ClickException(f"{data_path} holds {len(ids)} token(s): nothing to predict")
+    mean, count = training.evaluate_ids(model.trainable(params), config, ids, batch_size)
+    click.echo(f"loss {mean:.4f} nats/token, perplexity {math.exp(mean):.3f}, over {count:,} tokens")
+
+
+COMMANDS = [train_command, eval_command]

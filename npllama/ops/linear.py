@@ -1,0 +1,140 @@
+"""The linear layer, and the product seam: every product x Wᵀ with a weight W goes through here.
+
+Forward:   y = x Wᵀ                      x: (..., in)   W: (out, in)   y: (..., out)
+Backward:  dx = dy W                     dx: (..., in)
+           dW = Σ_rows dyᵀ x             dW: (out, in), summed over every leading (batch, time) index
+The leading dimensions are flattened into one before each product: one large matrix product is
+about twice as fast as a batch of small ones.
+
+The seam. A weight is a plain array (NumPy or CuPy; it is trained: backward returns dW) or an object
+that performs its own product:
+    shape                                 (out, in)
+    forward(x) -> (y, cache)              y = x Wᵀ
+    backward(dy, cache) -> (dx, grad)     grad: the gradient of what the weight trains, None if nothing
+                                          (a dict {name: array} for parts of its own, e.g. LoRA's A, B)
+Frozen weights and LoRA adapters (adapters.py), weights multiplied as stored (runtime/streamed.py)
+and, next, quantized blocks and GPU kernels are such objects. This file is the only one that tells
+an array from an object: the ops and the model see a weight.
+
+Fused weights. Fused multiplies by several weights at once, each with its rows reordered and scaled:
+    y = [x W₁'ᵀ, x W₂'ᵀ, …],   Wᵢ' = sᵢ · Wᵢ[oᵢ]            oᵢ: a permutation of Wᵢ's rows
+(attention's q, k and v: model.py). When every part is an array they are stacked into one matrix and
+multiplied once. Otherwise each part multiplies for itself and its output columns are reordered and
+scaled instead, since x (s·W[o])ᵀ = s·(x Wᵀ)[..., o]. Backward returns each part's gradient in that
+part's own layout: for an array, dWᵢ = sᵢ · dWᵢ'[oᵢ⁻¹] (dWᵢ' being its rows of the stacked dW).
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import backend
+
+
+class Cache(NamedTuple):
+    x: object       # the input (an array weight's dW needs it)
+    weight: object
+    inner: object   # a weight object's own cache; None for an array
+
+
+def _rows(a):
+    """(..., n) -> (N, n) view."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def forward(x, weight):
+    if backend.is_array(weight):
+        return (_rows(x) @ weight.T).reshape(*x.shape[:-1], weight.shape[0]), Cache(x, weight, None)
+    y, inner = weight.forward(x)
+    return y, Cache(x, weight, inner)
+
+
+def backward(dy, cache):
+    """Returns dx and the weight's gradient (dW for an array; whatever a weight object returns)."""
+    x, weight, inner = cache
+    if backend.is_array(weight):
+        return input_grad(dy, weight), weight_grad(dy, x)
+    return weight.backward(dy, inner)
+
+
+def product(x, weight):
+    """y = x Wᵀ, keeping nothing for backward (inference)."""
+    return forward(x, weight)[0]
+
+
+def input_grad(dy, weight):
+    """dx = dy W for an array W: (..., out) -> (..., in)."""
+    return (_rows(dy) @ weight).reshape(*dy.shape[:-1], weight.shape[1])
+
+
+def weight_grad(dy, x):
+    """dW = dyᵀ x with the leading dimensions flattened into one sum: (N, out)ᵀ (N, in) -> (out, in)."""
+    return _rows(dy).T @ _rows(x)
+
+
+class Part(NamedTuple):
+    """One weight of a Fused weight: its rows reordered by `order` (None: as they are), then scaled."""
+    weight: object
+    order: object = None
+    scale: float = 1.0
+
+
+class Fused:
+    """Several weights multiplied as one (module docstring). Backward's gradient is a list, a part each."""
+
+    def __init__(self, parts):
+        self.parts = [Part(*part) for part in parts]
+        self.sizes = [part.weight.shape[0] for part in self.parts]
+        self.inverses = [None if part.order is None else _inverse(part.order, size)
+                         for part, size in zip(self.parts, self.sizes)]
+        self.shape = (sum(self.sizes), self.parts[0].weight.shape[1])
+        arrays = all(backend.is_array(part.weight) for part in self.parts)
+        self.stacked = backend.array_module(self.parts[0].weight).concatenate(
+            [_arranged_rows(*part) for part in self.parts]) if arrays else None
+
+    def forward(self, x):
+        if self.stacked is not None:
+            return forward(x, self.stacked)
+        xp = backend.array_module(x)
+        outputs = [forward(x, part.weight) for part in self.parts]
+        y = xp.concatenate([_arranged_columns(y, part.order, part.scale) for (y, _), part in zip(outputs, self.parts)],
+                           axis=-1)
+        return y, [cache for _, cache in outputs]
+
+    def backward(self, dy, cache):
+        if self.stacked is not None:
+            dx, d_stacked = backward(dy, cache)
+            ends = np.cumsum(self.sizes)
+            return dx, [_arranged_rows(d_stacked[end - size:end], inverse, part.scale)
+                        for end, size, inverse, part in zip(ends, self.sizes, self.inverses, self.parts)]
+        dx, grads = None, []
+        pieces = backend.array_module(dy).split(dy, np.cumsum(self.sizes)[:-1].tolist(), axis=-1)
+        for piece, inverse, part, part_cache in zip(pieces, self.inverses, self.parts, cache):
+            part_dx, grad = backward(_arranged_columns(piece, inverse, part.scale), part_cache)
+            dx = part_dx if dx is None else dx.__iadd__(part_dx)
+            grads.append(grad)
+        return dx, grads
+
+
+def _inverse(order, size):
+    order = np.asarray(backend.to_host(order))
+    if order.shape != (size,) or not np.array_equal(np.sort(order), np.arange(size)):
+        raise ValueError(f"a fused part's row order must be a permutation of its {size} rows")
+    return np.argsort(order)
+
+
+def _arranged_rows(weight, order, scale):
+    """s · W[o], as a new array (a gradient's way back: s · dW'[o⁻¹])."""
+    arranged = weight if order is None else weight[_on_device_of(weight, order)]
+    return arranged * scale if scale != 1.0 else arranged.copy() if order is None else arranged
+
+
+def _arranged_columns(y, order, scale):
+    """s · y[..., o]: the output of W[o]·s from the output of W (or, with o⁻¹, a gradient's way back)."""
+    arranged = y if order is None else y[..., _on_device_of(y, order)]
+    return arranged * scale if scale != 1.0 else arranged
+
+
+def _on_device_of(array, order):
+    """An index array where the array's module wants it (NumPy's own for anything not CuPy's)."""
+    module = backend.array_module(array)
+    return order if module is np else module.asarray(order)

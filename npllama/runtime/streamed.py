@@ -1,0 +1,74 @@
+"""Weights used as they are stored, widened a block of rows at a time inside the product.
+
+A Llama-2-7B checkpoint is 13.5 GB in float16, 27 GB once widened to the float32 that NumPy computes
+in: more than a 24 GB machine holds. Generation then multiplies by the memory-mapped float16 weights
+directly: each product widens one block of rows, multiplies by it, and reuses the space for the next
+block. Widening a whole layer instead writes and reads back twice its stored size and faults in fresh
+pages for it at every token (5× slower for Llama-2-7B).
+
+    y = x Wᵀ,  per block of rows:  y[..., rows] = x · widen(W[rows])ᵀ      x: (..., in)   W: (out, in)
+The blocks are shared among the CPU's cores: NumPy's casts and BLAS release Python's lock, so threads
+run them side by side, with BLAS on one thread each. A Streamed weight is a weight of the product seam
+(ops/linear.py): reordering its rows for attention's fused q, k, v is linear.Fused's. Inference only:
+there is no backward.
+"""
+import concurrent.futures
+import functools
+
+import numpy as np
+
+from .. import dtypes
+from . import cpu
+
+BLOCK_BYTES = 2 << 20  # widened rows per block: a core's block and its stored rows fit in its L2 cache
+
+
+class Streamed:
+    """An (out, in) weight kept as stored (a NumPy array, often memory-mapped) and computed in `dtype`
+    block by block (module docstring)."""
+
+    def __init__(self, stored, dtype):
+        self.stored, self.dtype = stored, np.dtype(dtype)
+
+    @property
+    def shape(self):
+        return self.stored.shape
+
+    def forward(self, x):
+        """x Wᵀ: (..., in) -> (..., out), in self.dtype. The blocks are dealt out to the usable cores,
+        one thread each, with BLAS set to one thread meanwhile (cpu.single_threaded_blas)."""
+        rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=self.dtype)
+        y = np.empty((rows.shape[0], self.shape[0]), dtype=self.dtype)
+        blocks = list(self._blocks())
+        workers = max(1, min(cpu.usable_cores(), len(blocks)))
+        if workers == 1 or not cpu.blas_threads_settable():
+            _multiply(self.stored, rows, blocks, y)
+        else:
+            shares = [blocks[i::workers] for i in range(workers)]  # interleaved: neighbours run together
+            with cpu.single_threaded_blas():
+                helpers = [_pool(workers - 1).submit(_multiply, self.stored, rows, share, y) for share in shares[1:]]
+                try:
+                    _multiply(self.stored, rows, shares[0], y)
+                finally:
+                    for helper in helpers:  # BLAS goes back to its threads only once they are done
+                        helper.result()
+        return y.reshape(*x.shape[:-1], self.shape[0]), None
+
+    def backward(self, dy, cache):
+        raise TypeError("a streamed weight is for inference: it has no backward")
+
+    def _blocks(self):
+        """(first row, end row) of every block."""
+        per_block = max(1, BLOCK_BYTES // (self.shape[1] * self.dtype.itemsize))
+        return ((start, min(start + per_block, self.shape[0])) for start in range(0, self.shape[0], per_block))
+
+
+def _multiply(stored, x, blocks, y):
+    """y[:, rows of each block] = x · widen(stored[rows])ᵀ."""
+    for start, end in blocks:
+        np.matmul(x, dtypes.compute_array(stored[start:end], y.dtype).T, out=y[:, start:end])
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(threads):
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="npllama-streamed")
