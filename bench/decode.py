@@ -10,17 +10,14 @@ Random weights (std 0.02) of a preset's shape unless --weights names a file; the
 Prints prefill and decode tok/s, the median of --repeats runs.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import npllama  # noqa: E402
-from npllama import backend, generation  # noqa: E402
+import npllama
+from npllama import backend, generation
+from npllama.runtime import cpu
 
 
 def npllama_speeds(params, config, prompt, new_tokens, dtype):
@@ -74,7 +71,7 @@ def main():
         config = npllama.LlamaConfig.preset(args.preset)
         params = npllama.init_params(config, seed=0)
     prompt = [1] + list(np.random.default_rng(0).integers(3, config.vocab_size, args.prompt_tokens - 1))
-    threads = backend.usable_cores()
+    threads = cpu.usable_cores()
     print(f"{args.weights or args.preset}: {npllama.config.human_count(config.num_parameters())} params, "
           f"{backend.describe()}, {threads} cores, prompt {len(prompt)}, {args.new_tokens} new tokens")
 

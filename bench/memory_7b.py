@@ -16,13 +16,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+
+from npllama import LlamaConfig
+from npllama.config import parameter_shapes
+from npllama.io import tokenizer as tokenizers, weights
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import numpy as np  # noqa: E402
-
-from npllama import LlamaConfig, tokenizer as tokenizers, weights  # noqa: E402
-from npllama.model import parameter_shapes  # noqa: E402
 
 TOKENIZER = os.path.join(ROOT, "..", "shared", "data", "llama2-tokenizer.model")
 

@@ -5,25 +5,28 @@ and, with --torch, of HF transformers.
     python bench/train_step.py --preset stories15M --batch-size 8 --seq-len 256
     python bench/train_step.py --torch                           # also HF LlamaForCausalLM (torch eager)
 
-Prints the median ms per step and tokens/s over --steps timed steps (after --warmup). torch (only for
-the comparison; never an npllama dependency) runs with the same thread count (--threads, default
-all cores) and is timed for forward + backward, and for the full step with torch.optim.AdamW.
-npllama's full step also clips the gradient norm (as `cli.py train` does); torch's does not.
+Prints the median ms per step and tokens/s over --steps timed steps (after --warmup), and the spread
+(fastest and slowest). npllama's step is the trainer's own (train.py): the batch cut into --threads
+shards whose gradients are summed across that many workers (runtime/parallel.py: processes on the
+CPU's cores), as `cli.py train --workers N` runs it. torch (only for the comparison; never an npllama
+dependency) runs with the same thread count and is timed for forward + backward, and for the full step
+with torch.optim.AdamW. npllama's full step also clips the gradient norm (as `cli.py train` does);
+torch's does not.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import npllama  # noqa: E402
-from npllama import adamw, backend  # noqa: E402
+import npllama
+from npllama import backend, train
+from npllama.config import human_count
+from npllama.runtime import cpu, parallel
 
 
-def median_ms(step, steps, warmup, sync=lambda: None):
+def timed_ms(step, steps, warmup, sync=lambda: None):
+    """The milliseconds of each of `steps` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         step()
     sync()
@@ -32,29 +35,34 @@ def median_ms(step, steps, warmup, sync=lambda: None):
         start = time.perf_counter()
         step()
         sync()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        times.append(1000 * (time.perf_counter() - start))
+    return times
 
 
-def report(label, ms, tokens):
-    print(f"{label:<44} {ms:9.2f} ms/step {tokens / ms * 1000:12.0f} tok/s")
+def report(label, times, tokens):
+    median = statistics.median(times)
+    print(f"{label:<44} {median:9.2f} ms/step {tokens / median * 1000:10.0f} tok/s   "
+          f"(spread {min(times):.2f}-{max(times):.2f} ms)")
 
 
 def bench_npllama(config, tokens_in, targets, args):
+    cpu.keep_freed_memory()  # as a training run does
     params = npllama.init_params(config, seed=0)
     optimizer = npllama.AdamW(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    workers = parallel.workers(args.threads)
     sync = (lambda: backend.xp().cuda.Device().synchronize()) if backend.device() == "cuda" else (lambda: None)
 
-    def full_step():
-        _, grads = npllama.loss_and_grads(params, config, tokens_in, targets)
-        adamw.clip_grad_norm(grads, 1.0)
-        optimizer.step(params, grads)
+    def forward_backward():
+        train.sharded_loss_and_grads(params, config, tokens_in, targets, args.threads, workers)
 
-    ms = median_ms(lambda: npllama.loss_and_grads(params, config, tokens_in, targets), args.steps,
-                   args.warmup, sync)
-    report(f"npllama forward+backward ({backend.device()})", ms, tokens_in.size)
-    report(f"npllama forward+backward+clip+AdamW ({backend.device()})",
-           median_ms(full_step, args.steps, args.warmup, sync), tokens_in.size)
+    def full_step():
+        train.optimizer_step(params, config, optimizer, [(tokens_in, targets)], 1e-3, 1.0, args.threads, workers)
+
+    where = f"{backend.device()}, {args.threads} worker(s)"
+    report(f"npllama forward+backward ({where})", timed_ms(forward_backward, args.steps, args.warmup, sync),
+           tokens_in.size)
+    report(f"npllama forward+backward+clip+AdamW ({where})", timed_ms(full_step, args.steps, args.warmup, sync),
+           tokens_in.size)
 
 
 def bench_torch(config, tokens_in, targets, args):
@@ -79,8 +87,8 @@ def bench_torch(config, tokens_in, targets, args):
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"attention {model.config._attn_implementation}, {torch.get_num_threads()} threads")
-    report("torch eager forward+backward", median_ms(forward_backward, args.steps, args.warmup), inputs.numel())
-    report("torch eager forward+backward+AdamW", median_ms(full_step, args.steps, args.warmup), inputs.numel())
+    report("torch eager forward+backward", timed_ms(forward_backward, args.steps, args.warmup), inputs.numel())
+    report("torch eager forward+backward+AdamW", timed_ms(full_step, args.steps, args.warmup), inputs.numel())
 
 
 def main():
@@ -90,16 +98,16 @@ def main():
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=backend.usable_cores())
+    parser.add_argument("--threads", type=int, default=cpu.usable_cores(),
+                        help="npllama's workers (shards per batch) and torch's threads")
     parser.add_argument("--torch", action="store_true", help="also time HF transformers (torch eager)")
     args = parser.parse_args()
-    os.environ["NPLLAMA_WORKERS"] = str(args.threads)  # npllama: one batch shard per core
 
     config = npllama.LlamaConfig.preset(args.preset)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (args.batch_size, args.seq_len + 1))
     tokens_in, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()
-    print(f"{args.preset}: {npllama.config.human_count(config.num_parameters())} params, "
+    print(f"{args.preset}: {human_count(config.num_parameters())} params, "
           f"B={args.batch_size} T={args.seq_len}, device {backend.describe()}")
     bench_npllama(config, tokens_in, targets, args)
     if args.torch:

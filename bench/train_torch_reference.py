@@ -17,14 +17,11 @@ mean train/val loss over --eval-iters random batches (a generator seeded by the 
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from npllama import LlamaConfig, adamw, data, init_params  # noqa: E402
+from npllama import LlamaConfig, adamw, data, init_params
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                     "tinyshakespeare.txt")

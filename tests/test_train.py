@@ -148,6 +148,14 @@ def test_train_generate_eval_end_to_end(tmp_path, text_file):
     assert evaluated.stdout == f"loss {mean:.4f} nats/token, perplexity {np.exp(mean):.3f}, over {count:,} tokens\n"
 
 
+def test_without_matplotlib_a_run_notes_the_missing_curves(tmp_path, text_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail as if not installed
+    result = cli("train", "--data", text_file, "--out", tmp_path / "run", "--max-iters", 2, *TINY_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "matplotlib is not installed: no curves.png" in result.stdout
+    assert train.plot_curves(tmp_path / "run") is None and not (tmp_path / "run" / train.CURVES_FILE).exists()
+
+
 def test_train_without_data_uses_the_builtin_corpus(tmp_path):
     result = cli("train", "--out", tmp_path / "run", "--max-iters", 2, *TINY_FLAGS)
     assert result.exit_code == 0, result.output

@@ -238,3 +238,24 @@ def test_truncated_llama2c_file(tmp_path):
 def test_safetensors_without_npllama_config_points_to_the_directory(tmp_path):
     shard = os.path.join(FIXTURES, "hf", "model-00001-of-00002.safetensors")
     expect_error(shard, "without an npllama config")
+
+
+@pytest.mark.parametrize("stored", ["bf16", "fp16"])
+def test_the_public_api_computes_with_loaded_half_precision_params(stored, tmp_path):
+    """forward, loss and loss_and_grads take what load returns: bf16 and fp16 tensors are widened where
+    they are computed, so logits, loss and gradients are float32 and equal those of float32 copies."""
+    from npllama import loss, loss_and_grads, model
+    config, params, tokenizer = weights.load(os.path.join(FIXTURES, "hf"))
+    weights.save(tmp_path / "half.safetensors", config, params, tokenizer, dtype=stored)
+    config, half, _ = weights.load(str(tmp_path / "half.safetensors"))
+    assert {dtypes.name(np.asarray(value).dtype) for value in half.values()} == {stored}
+    widened = model.trainable(half)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 7))
+    logits = forward(half, config, tokens)
+    assert logits.dtype == np.float32 and np.array_equal(logits, forward(widened, config, tokens))
+    assert loss(half, config, tokens, tokens) == loss(widened, config, tokens, tokens)
+    value, grads = loss_and_grads(half, config, tokens, tokens)
+    expected_value, expected = loss_and_grads(widened, config, tokens, tokens)
+    assert value == expected_value and sorted(grads) == sorted(expected)
+    for name, grad in grads.items():
+        assert grad.dtype == np.float32 and np.array_equal(grad, expected[name]), name

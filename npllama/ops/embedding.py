@@ -12,17 +12,17 @@ from .. import backend
 class Cache(NamedTuple):
     ids: object
     shape: tuple
-    dtype: object
 
 
 def forward(weight, ids):
     """weight: (V, D); ids: (B, T) on the weight's device."""
-    return weight[ids], Cache(ids, weight.shape, weight.dtype)
+    return weight[ids], Cache(ids, weight.shape)
 
 
 def backward(dx, cache):
-    ids, shape, dtype = cache
+    """Returns dW: (V, D), in dx's dtype."""
+    ids, shape = cache
     xp = backend.array_module(dx)
-    dweight = xp.zeros(shape, dtype=dtype)
+    dweight = xp.zeros(shape, dtype=dx.dtype)
     backend.scatter_add(dweight, ids.reshape(-1), dx.reshape(-1, shape[1]))
     return dweight
