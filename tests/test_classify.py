@@ -269,3 +269,20 @@ def test_finetune_keeps_the_best_epoch(rng, monkeypatch, lora_rank):
         assert isinstance(tuned.params["model.layers.0.self_attn.q_proj.weight"], lora.Frozen)
         assert tuned.params["model.layers.0.self_attn.q_proj.weight"].adapted
         assert not tuned.params["model.layers.0.self_attn.k_proj.weight"].adapted
+
+
+def test_classification_runs_from_python(tiny_classifier_files, tmp_path):
+    files = tiny_classifier_files
+    names = os.path.join(CLASSIFY_DATA, "cfimdb-label-mapping.json")
+    epochs, ready = [], []
+    settings = classify.ClassifySettings(mode="finetune", epochs=2, batch_size=8, lr=1e-3, workers=2)
+    result = classify.run(str(files / "model.safetensors"), names, str(files / "dev.txt"), str(files / "train.txt"),
+                          str(files / "test.txt"), settings, test_out=str(tmp_path / "t.txt"),
+                          on_ready=lambda examples, baseline: ready.append((examples, baseline)),
+                          on_epoch=lambda epoch, accuracy: epochs.append(accuracy))
+    assert ready[0][0] == 12 and 0.5 <= ready[0][1] <= 1
+    assert len(epochs) == 2 and result.splits["dev"].accuracy == max(epochs) == epochs[result.best_epoch - 1]
+    assert result.splits["test"].predictions == [int(n) for n in (tmp_path / "t.txt").read_text().split()]
+    with pytest.raises(classify.ClassifyError, match="mode finetune needs train examples"):
+        classify.run(str(files / "model.safetensors"), names, str(files / "dev.txt"),
+                     settings=classify.ClassifySettings(mode="finetune"))

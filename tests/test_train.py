@@ -367,3 +367,42 @@ def test_export_hf_of_a_character_model_notes_the_missing_tokenizer(tmp_path):
     assert "HF has no tokenizer format for characters" in result.stderr
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
     assert weights.load(str(tmp_path / "hf"))[0] == run.config
+
+
+# ---- runs from Python, without the CLI ----------------------------------------------------------------
+MODEL_SETTINGS = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                  "max_position_embeddings": 16}
+
+
+def library_run(directory, text_file, **settings):
+    settings = train.TrainSettings(**{"batch_size": 4, "max_iters": 9, "warmup": 2, "eval_interval": 3,
+                                      "eval_iters": 2, "sample_tokens": 4, "workers": 2, **settings})
+    return train.start(str(directory), str(text_file), model_settings=MODEL_SETTINGS, settings=settings)
+
+
+def test_start_and_resume_from_python(tmp_path, text_file):
+    straight = library_run(tmp_path / "straight", text_file)
+    assert train.run(straight) == "done"
+    cut = library_run(tmp_path / "cut", text_file)
+    assert train.run(cut, should_stop=lambda: cut.step == 4) == "interrupted"
+    resumed = train.resume(str(tmp_path / "cut"), max_iters=9)
+    assert resumed.step == 4 and resumed.settings.workers == 2  # the recorded shard count, whatever the machine
+    assert train.run(resumed) == "done"
+    assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "straight")
+    for name in straight.params:
+        assert np.array_equal(backend.to_host(resumed.params[name]), backend.to_host(straight.params[name])), name
+
+
+def test_library_errors_name_settings_and_the_cli_names_flags(tmp_path, text_file):
+    run = library_run(tmp_path / "r", text_file, max_iters=2)
+    train.run(run)
+    with pytest.raises(train.TrainError) as error:
+        train.resume(str(tmp_path / "r"), lr=0.5)
+    assert "lr cannot change (only max_iters, eval_interval, eval_iters, sample_tokens can)" in str(error.value)
+    from npllama.cli import flag
+    assert "--lr cannot change (only --max-iters, --eval-interval" in error.value.message(flag)
+    with pytest.raises(train.TrainError, match="already holds a training run; pass resume to continue it"):
+        library_run(tmp_path / "r", text_file)
+    with pytest.raises(train.TrainError, match="workers must be at least 1"):
+        library_run(tmp_path / "w", text_file, workers=0)
+    assert not (tmp_path / "w").exists()
