@@ -65,6 +65,7 @@ def main():
     args = parser.parse_args()
 
     backend.use(args.device)
+    cpu.keep_freed_memory()  # as the CLI's commands do
     if args.weights:
         config, params, _ = npllama.load(args.weights)
     else:

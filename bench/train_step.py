@@ -49,16 +49,17 @@ def bench_npllama(config, tokens_in, targets, args):
     cpu.keep_freed_memory()  # as a training run does
     params = npllama.init_params(config, seed=0)
     optimizer = npllama.AdamW(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    workers = parallel.workers(args.threads)
+    shards = args.threads if backend.device() == "cpu" else 1  # a GPU computes the batch whole
+    workers = parallel.workers(shards)
     sync = (lambda: backend.xp().cuda.Device().synchronize()) if backend.device() == "cuda" else (lambda: None)
 
     def forward_backward():
-        train.sharded_loss_and_grads(params, config, tokens_in, targets, args.threads, workers)
+        train.sharded_loss_and_grads(params, config, tokens_in, targets, shards, workers)
 
     def full_step():
-        train.optimizer_step(params, config, optimizer, [(tokens_in, targets)], 1e-3, 1.0, args.threads, workers)
+        train.optimizer_step(params, config, optimizer, [(tokens_in, targets)], 1e-3, 1.0, shards, workers)
 
-    where = f"{backend.device()}, {args.threads} worker(s)"
+    where = f"{backend.device()}, {shards} worker(s)"
     report(f"npllama forward+backward ({where})", timed_ms(forward_backward, args.steps, args.warmup, sync),
            tokens_in.size)
     report(f"npllama forward+backward+clip+AdamW ({where})", timed_ms(full_step, args.steps, args.warmup, sync),

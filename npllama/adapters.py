@@ -100,9 +100,9 @@ def split(arrays):
 
 
 def with_adapters(arrays, scale):
-    """The model's parameters from what a run holds: the arrays themselves when scale is 0, else the
-    frozen base among them with the adapters among them attached at this scale."""
-    return attach(*split(arrays), scale) if scale else arrays
+    """The model's parameters from what a run holds: the arrays themselves when scale is None (no LoRA),
+    else the frozen base among them with the adapters among them attached at this scale."""
+    return arrays if scale is None else attach(*split(arrays), scale)
 
 
 def check_targets(targets):

@@ -17,7 +17,7 @@ from .errors import UserError
 DEVICES = ("cpu", "cuda", "auto")
 
 
-class BackendError(UserError):
+class BackendError(UserError, RuntimeError):
     """The requested device cannot be used (message is one line, fit for the user)."""
 
 
@@ -95,6 +95,12 @@ def array_module(*arrays):
             import cupy
             return cupy
     return np
+
+
+def on_device_of(array, index):
+    """A host index array where array's module wants it (NumPy's own for anything not CuPy's)."""
+    module = array_module(array)
+    return index if module is np else module.asarray(index)
 
 
 def to_device(array, dtype=None):

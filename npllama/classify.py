@@ -15,7 +15,7 @@ Forward:   z = h Wᵀ + b                                   z: (B, C)
 Backward:  dz = (softmax(z) − onehot(y)) / B
            dW = dzᵀ h,   db = Σ_b dz_b,   dh = dz W
 dh goes back into the model at each text's last position (zero elsewhere), then through the whole
-model, or only into its LoRA adapters (lora.py). Texts of one batch are padded on the right: causal
+model, or only into its LoRA adapters (adapters.py). Texts of one batch are padded on the right: causal
 attention never lets a position see later ones, so padding cannot change a text's last hidden state.
 """
 import dataclasses
@@ -30,7 +30,7 @@ from .errors import UserError, setting
 from .io import files, weights
 from .io.tokenizer import TokenizerError
 from .ops import cross_entropy, linear
-from .runtime import parallel
+from .runtime import cpu, parallel
 
 PROMPT = "{text} Overall, the movie was"
 SEPARATOR = "|||"
@@ -198,7 +198,7 @@ def batch_loss_and_grads(model_params, config, head, batch, scale=1.0):
 
 def shard_loss_and_grads(arrays, config, lora_scale, batch, scale):
     """One shard's loss and gradient (the task each worker runs): arrays hold the model's tensors (with
-    LoRA adapters when lora_scale > 0) and the head's."""
+    LoRA adapters when lora_scale is not None) and the head's."""
     head = {name[len(HEAD):]: value for name, value in arrays.items() if name.startswith(HEAD)}
     model_arrays = {name: value for name, value in arrays.items() if not name.startswith(HEAD)}
     return batch_loss_and_grads(adapters.with_adapters(model_arrays, lora_scale), config, head, batch, scale)
@@ -222,12 +222,13 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
     rng = np.random.default_rng(seed)
     head = {"weight": backend.to_device(rng.standard_normal((num_labels, config.hidden_size)) * 0.02, dtype=dtype),
             "bias": backend.array_module(params[model.EMBEDDING]).zeros(num_labels, dtype=dtype)}
-    scale = (lora_alpha or lora_rank) / lora_rank if lora_rank else 0.0
+    scale = (lora_alpha or lora_rank) / lora_rank if lora_rank else None
     trained = adapters.init_adapters(params, config, ("q_proj", "v_proj"), lora_rank, lora_alpha or lora_rank,
                                      seed) if lora_rank else params
     arrays = {**params, **trained, **{HEAD + name: value for name, value in head.items()}}
     trained_arrays = {**trained, **{HEAD + name: value for name, value in head.items()}}
     optimizer = adamw.AdamW(lr=lr, weight_decay=weight_decay)
+    seam = parallel.workers(min(workers, batch_size))
     best = (-1.0, None, None)
     accuracies = []
     for epoch in range(epochs):
@@ -236,7 +237,7 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
             batch = [train_set[i] for i in order[start:start + batch_size]]
             shards = [[batch[i] for i in rows] for rows in np.array_split(np.arange(len(batch)), min(workers, len(batch)))]
             tasks = [(config, scale, shard, len(shard) / len(batch)) for shard in shards]
-            _, grads = parallel.workers(len(tasks)).run(shard_loss_and_grads, arrays, tasks, list(trained_arrays))
+            _, grads = seam.run(shard_loss_and_grads, arrays, tasks, list(trained_arrays))
             optimizer.step(trained_arrays, grads)
         model_params = adapters.with_adapters({**params, **trained}, scale)
         accuracy = accuracy_of(predict(model_params, config, head, [ids for _, ids in dev_set], batch_size),
@@ -293,17 +294,18 @@ class ClassifySettings:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ClassifyError(f"{setting('mode')} must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("epochs", "batch_size"):
+        if self.workers is None:
+            self.workers = parallel.default_count()
+        for name in ("epochs", "batch_size", "workers"):
             if getattr(self, name) < 1:
                 raise ClassifyError(f"{setting(name)} must be at least 1, got {getattr(self, name)}")
         if self.context is not None and self.context < 2:
             raise ClassifyError(f"{setting('context')} must be at least 2, got {self.context}")
         if not self.lr > 0 or self.lora_rank < 0:
             raise ClassifyError(f"{setting('lr')} must be positive and {setting('lora_rank')} not negative")
-        if self.lora_alpha and not self.lora_rank:
-            raise ClassifyError(f"{setting('lora_alpha')} scales LoRA adapters: give {setting('lora_rank')} too")
-        if self.workers is None:
-            self.workers = parallel.default_count()
+        if self.lora_alpha is not None and (not self.lora_alpha > 0 or not self.lora_rank):
+            raise ClassifyError(f"{setting('lora_alpha')} scales LoRA adapters: it must be positive, with "
+                                f"{setting('lora_rank')}")
 
 
 @dataclasses.dataclass
@@ -332,6 +334,7 @@ def run(weights_path, label_names_path, dev_path, train_path=None, test_path=Non
     dev_out and test_out when given. on_ready(dev examples, majority-class baseline) is called once the
     data and the model are read; on_epoch(epoch, dev accuracy) after each fine-tuning epoch."""
     settings = settings or ClassifySettings()
+    cpu.keep_freed_memory()  # a run's process: activation-sized arrays are freed and made again every step
     if settings.mode == "finetune" and not train_path:
         raise ClassifyError(f"{setting('mode')} finetune needs {setting('train')} examples")
     names = read_label_names(label_names_path)

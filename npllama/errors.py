@@ -22,9 +22,10 @@ def setting(name):
 class UserError(ValueError):
     """Bad input or an impossible request, explained in one line (module docstring)."""
 
+    def __init__(self, message=""):
+        self.template = str(message)
+        super().__init__(self.message())
+
     def message(self, name_of=lambda name: name):
         """The message, each marked setting shown as name_of(its name)."""
-        return _SETTING.sub(lambda match: name_of(match.group(1)), str(self.args[0]) if self.args else "")
-
-    def __str__(self):
-        return self.message()
+        return _SETTING.sub(lambda match: name_of(match.group(1)), self.template)

@@ -70,7 +70,7 @@ class Decoder:
 
 def _default_dtype(params):
     """The model's (float64 stays float64, all else float32), but float16 on a GPU when stored so."""
-    if backend.device() == "cuda" and model.values(params[model.EMBEDDING]).dtype == np.float16:
+    if backend.device() == "cuda" and model.stored_dtype(params) == np.float16:
         return np.dtype(np.float16)
     return model.default_dtype(params)
 

@@ -71,10 +71,15 @@ def values(weight):
     return weight if backend.is_array(weight) else weight.values
 
 
+def stored_dtype(params):
+    """The embedding's stored dtype, read without making it where params can tell (io's LazyTensors)."""
+    describe = getattr(params, "describe", None)
+    return describe(EMBEDDING)[0] if describe is not None else values(params[EMBEDDING]).dtype
+
+
 def default_dtype(params):
     """float64 parameters compute in float64 (exact checks); all others (fp32, fp16, bf16) in float32."""
-    stored = values(params[EMBEDDING]).dtype
-    return np.dtype(np.float64) if stored == np.float64 else np.dtype(np.float32)
+    return np.dtype(np.float64) if stored_dtype(params) == np.float64 else np.dtype(np.float32)
 
 
 def in_dtype(dtype):
@@ -113,7 +118,8 @@ class Weights:
         self.params, self.config = params, config
         self.dtype = np.dtype(dtype) if dtype is not None else default_dtype(params)
         self.convert = convert or in_dtype(self.dtype)
-        self.xp = xp or backend.array_module(values(params[EMBEDDING]))  # the compute device's module
+        # the compute device's module: the parameters' (tensors made when read are host arrays)
+        self.xp = xp or (np if hasattr(params, "describe") else backend.array_module(values(params[EMBEDDING])))
         self.head_dim = config.head_dim
         self._kept = {} if keep else None
         self._rotation = None

@@ -93,7 +93,8 @@ class TrainSettings:
 
     @property
     def lora_scale(self):
-        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+        """alpha / rank, or None when no adapters are trained."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else None
 
     def validate(self):
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "workers"):
@@ -111,8 +112,13 @@ class TrainSettings:
                 raise TrainError(f"{setting(name)} must lie in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise TrainError(f"{setting('val_fraction')} must lie in [0, 1), got {self.val_fraction}")
+        if self.dtype not in ("fp32", "fp64"):
+            raise TrainError(f"{setting('dtype')} must be fp32 or fp64 (the parameters' and moments' dtype), "
+                             f"got {self.dtype!r}")
         if self.lora_rank < 0:
             raise TrainError(f"{setting('lora_rank')} must not be negative, got {self.lora_rank}")
+        if self.lora_rank and not self.lora_alpha > 0:
+            raise TrainError(f"{setting('lora_alpha')} must be positive, got {self.lora_alpha}")
         if self.lora_rank and not self.init:
             raise TrainError(f"{setting('lora_rank')} trains adapters on a pretrained model: give its weights "
                              f"with {setting('init')}")
@@ -131,11 +137,12 @@ class StepReport:
 
 # ---- the step's gradient, summed across workers ---------------------------------------------------------
 def shard_loss_and_grads(arrays, config, lora_scale, tokens, targets, scale):
-    """One shard's loss, and the gradient of scale × that loss (the task each worker runs)."""
+    """One shard's loss, and the gradient of scale × that loss (the task each worker runs). lora_scale:
+    None, or the adapters' alpha / rank (the arrays hold a frozen base and adapters)."""
     return model.loss_and_grads(adapters.with_adapters(arrays, lora_scale), config, tokens, targets, scale)
 
 
-def sharded_loss_and_grads(arrays, config, tokens, targets, shards=1, workers=None, lora_scale=0.0):
+def sharded_loss_and_grads(arrays, config, tokens, targets, shards=1, workers=None, lora_scale=None):
     """The batch's mean loss and its gradient for the trained arrays, the batch cut into `shards` shards
     of rows summed across `workers` (parallel.py; default: the seam for that many shards). A shard weighs
     by its share of the valid targets; one without any adds nothing and is left out."""
@@ -145,12 +152,12 @@ def sharded_loss_and_grads(arrays, config, tokens, targets, shards=1, workers=No
     rows = [rows for rows in np.array_split(np.arange(len(tokens)), min(shards, len(tokens))) if valid[rows].any()]
     shares = [float(valid[r].sum() / valid.sum()) for r in rows]
     tasks = [(config, lora_scale, tokens[r], targets[r], share) for r, share in zip(rows, shares)]
-    trained = adapters.split(arrays)[1] if lora_scale else arrays
+    trained = arrays if lora_scale is None else adapters.split(arrays)[1]
     losses, grads = (workers or parallel.workers(len(tasks))).run(shard_loss_and_grads, arrays, tasks, list(trained))
     return sum(share * loss for share, loss in zip(shares, losses, strict=True)), grads
 
 
-def accumulated_loss_and_grads(arrays, config, micro_batches, shards=1, workers=None, lora_scale=0.0):
+def accumulated_loss_and_grads(arrays, config, micro_batches, shards=1, workers=None, lora_scale=None):
     """The mean loss and gradient over equally sized micro-batches [(tokens, targets), ...]:
     g = (1/A) Σ_a ∇ loss_a, which equals the gradient of the whole batch when every target counts."""
     total_loss, total = 0.0, None
@@ -165,7 +172,7 @@ def accumulated_loss_and_grads(arrays, config, micro_batches, shards=1, workers=
     return total_loss, total
 
 
-def optimizer_step(arrays, config, optimizer, micro_batches, lr, grad_clip, shards=1, workers=None, lora_scale=0.0):
+def optimizer_step(arrays, config, optimizer, micro_batches, lr, grad_clip, shards=1, workers=None, lora_scale=None):
     """One step: the gradient (accumulated over the micro-batches, summed across workers), clipped to
     grad_clip (0: not clipped), then AdamW at lr. Returns (loss, gradient norm before clipping); the
     arrays are not updated when either is not finite."""
@@ -197,7 +204,6 @@ class TrainingRun:
         data.check_long_enough(self.train_ids, self.val_ids, self.context)
         self.optimizer = optimizer or adamw.AdamW(settings.lr, (settings.beta1, settings.beta2),
                                                   weight_decay=settings.weight_decay)
-        self.workers = parallel.workers(settings.workers)
         self.step = step
         self.rng = np.random.default_rng(settings.seed)
         if rng_state is not None:
@@ -219,8 +225,9 @@ class TrainingRun:
         lr = adamw.learning_rate(self.step, s.lr, s.min_lr, s.warmup, s.decay_iters)
         batches = [data.random_batch(self.train_ids, s.batch_size, self.context, self.rng)
                    for _ in range(s.grad_accum)]
+        workers = parallel.workers(min(s.workers, s.batch_size))  # looked up each step: a failed one closes a pool
         step_loss, norm = optimizer_step(self.arrays, self.config, self.optimizer, batches, lr, s.grad_clip,
-                                         s.workers, self.workers, s.lora_scale)
+                                         s.workers, workers, s.lora_scale)
         if math.isfinite(step_loss) and math.isfinite(norm):
             self.step += 1
         seconds = time.perf_counter() - started
@@ -340,17 +347,18 @@ def load_checkpoint(directory):
 
 
 # ---- start and resume -----------------------------------------------------------------------------------
-def start(directory, data_path=None, tokenizer=None, init=None, preset=None, model_settings=None, settings=None,
-          force=False):
+def start(directory, data_path=None, tokenizer=None, preset=None, model_settings=None, settings=None, force=False):
     """A new run in `directory` (made for it, and removed again when the run cannot start).
 
     data_path: a UTF-8 text file (default: the built-in corpus). A new model takes the shape of `preset`
     (default DEFAULT_SHAPE's) changed by model_settings (LlamaConfig fields, e.g. {"hidden_size": 64}),
     with the vocabulary of `tokenizer` ('char', the default; 'bpe:N'; or a SentencePiece .model path).
-    init: weights to start from instead (continued pre-training, fine-tuning, LoRA); their shape and
-    tokenizer are the model's own. settings: TrainSettings (default: the defaults). force: start over in
-    a directory that holds a run."""
+    settings: TrainSettings (default: the defaults); its `init` names weights to start from instead
+    (continued pre-training, fine-tuning, LoRA), whose shape and tokenizer are the model's own. force:
+    start over in a directory that holds a run."""
     settings = settings or TrainSettings()
+    init = os.path.abspath(settings.init) if settings.init else None
+    settings = dataclasses.replace(settings, init=init)
     model_settings = {name: value for name, value in (model_settings or {}).items() if value is not None}
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise TrainError(f"{setting('out')} {directory} is a file; it names the run directory")
@@ -365,15 +373,16 @@ def start(directory, data_path=None, tokenizer=None, init=None, preset=None, mod
     made = not os.path.exists(directory)
     os.makedirs(directory, exist_ok=True)
     try:
-        return _start(directory, data_path or data.BUILTIN_CORPUS, tokenizer, init, preset, model_settings, settings)
+        return _start(directory, data_path or data.BUILTIN_CORPUS, tokenizer, preset, model_settings, settings)
     except BaseException:
         if made:
             shutil.rmtree(directory, ignore_errors=True)
         raise
 
 
-def _start(directory, data_path, tokenizer_spec, init, preset, model_settings, settings):
+def _start(directory, data_path, tokenizer_spec, preset, model_settings, settings):
     text = data.read_text(data_path)
+    init = settings.init
     if init:
         config, params, tokenizer = weights.load(init)
         if tokenizer is None:
@@ -406,6 +415,8 @@ def resume(directory, data_path=None, **changes):
     """The run in `directory`, from its last checkpoint, to go on exactly as it would have. Only the
     settings in RESUME_ADJUSTABLE may change (e.g. max_iters=5000: train longer; the cosine still ends at
     the saved decay_iters). data_path: the text, when it has moved (its contents must be the same)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise TrainError(f"{setting('out')} {directory} is a file; it names the run directory")
     fixed = [name for name in changes if name not in RESUME_ADJUSTABLE]
     if fixed:
         raise TrainError(f"{setting('resume')} continues with the run's own settings; {setting(fixed[0])} cannot "

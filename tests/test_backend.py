@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from npllama import backend, train
-from npllama.runtime import cpu
+from npllama.errors import UserError
+from npllama.runtime import cpu, parallel
 
 
 def test_cpu(restore_backend):
@@ -57,7 +58,12 @@ def test_usable_cores_follow_a_container_quota(tmp_path):
     assert cpu.usable_cores(cpu_max=str(limits)) == 1
 
 
-def test_workers_setting_is_checked(restore_backend):
+def test_workers_setting_is_checked(restore_backend, monkeypatch):
     backend.use("cpu")
+    monkeypatch.setenv("NPLLAMA_WORKERS", "two")
+    with pytest.raises(UserError, match="NPLLAMA_WORKERS must be a positive integer, got 'two'"):
+        parallel.default_count()
+    monkeypatch.setenv("NPLLAMA_WORKERS", "3")
+    assert parallel.default_count() == 3 and train.TrainSettings().workers == 3  # the default a run records
     with pytest.raises(train.TrainError, match="workers must be at least 1, got 0"):
         train.TrainSettings(workers=0)

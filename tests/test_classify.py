@@ -286,3 +286,11 @@ def test_classification_runs_from_python(tiny_classifier_files, tmp_path):
     with pytest.raises(classify.ClassifyError, match="mode finetune needs train examples"):
         classify.run(str(files / "model.safetensors"), names, str(files / "dev.txt"),
                      settings=classify.ClassifySettings(mode="finetune"))
+
+
+def test_classify_settings_refuse_what_cannot_run():
+    for settings, fragment in (({"workers": 0}, "workers must be at least 1"),
+                               ({"lora_alpha": 2.0}, "lora_alpha scales LoRA adapters"),
+                               ({"mode": "few-shot"}, "mode must be one of zero-shot, finetune")):
+        with pytest.raises(classify.ClassifyError, match=fragment):
+            classify.ClassifySettings(**settings)

@@ -406,3 +406,31 @@ def test_library_errors_name_settings_and_the_cli_names_flags(tmp_path, text_fil
     with pytest.raises(train.TrainError, match="workers must be at least 1"):
         library_run(tmp_path / "w", text_file, workers=0)
     assert not (tmp_path / "w").exists()
+
+
+def test_settings_refuse_what_cannot_train(tmp_path):
+    for settings, fragment in (({"dtype": "bf16"}, "dtype must be fp32 or fp64"),
+                               ({"lora_rank": 2, "lora_alpha": 0.0, "init": "w"}, "lora_alpha must be positive"),
+                               ({"lora_alpha": 4.0}, "lora_alpha scales LoRA adapters: give lora_rank too")):
+        with pytest.raises(train.TrainError, match=fragment):
+            train.TrainSettings(**settings)
+
+
+def test_a_lora_run_from_python_adapts_the_init_weights(tmp_path, text_file):
+    base = library_run(tmp_path / "base", text_file, max_iters=2)
+    train.run(base)
+    run = train.start(str(tmp_path / "lora"), str(text_file), settings=train.TrainSettings(
+        batch_size=4, max_iters=2, eval_interval=2, eval_iters=1, sample_tokens=0, lora_rank=2,
+        init=os.path.relpath(base.checkpoint_file)))
+    assert run.settings.init == os.path.abspath(base.checkpoint_file)
+    assert sorted(run.params) == sorted(n for n in run.arrays if "lora_" in n)
+    for name, value in base.params.items():
+        assert np.array_equal(backend.to_host(run.arrays[name]), backend.to_host(value)), name
+
+
+def test_a_run_outlives_a_closed_pool(tmp_path, text_file):
+    run = library_run(tmp_path / "r", text_file)
+    run.train_step()
+    from npllama.runtime import parallel
+    parallel.pool(3)  # another helper count: the pool the run used is closed
+    assert run.train_step().step == 2

@@ -4,12 +4,11 @@ printing. No math and no run logic live here. `npllama COMMAND` (installed) and 
 import click
 
 from ..errors import UserError
+from ..runtime import cpu
 from . import classify, generate, models, train
 
-# Settings the library names in its messages whose flag is not simply --name-with-dashes.
-FLAGS = {"hidden_size": "--dim", "num_hidden_layers": "--n-layers", "num_attention_heads": "--n-heads",
-         "num_key_value_heads": "--n-kv-heads", "intermediate_size": "--hidden",
-         "max_position_embeddings": "--context", "tie_word_embeddings": "--tied"}
+# Settings the library names in its messages whose flag is not simply --name-with-dashes: the model's.
+FLAGS = {field: "--" + flag.replace("_", "-") for flag, field in train.MODEL_FLAGS.items()}
 
 
 def flag(name):
@@ -19,6 +18,7 @@ def flag(name):
 
 class _Commands(click.Group):
     def invoke(self, ctx):
+        cpu.keep_freed_memory()  # this process is the command's: arrays freed and made again are reused
         try:
             return super().invoke(ctx)
         except UserError as error:  # bad input: one line ("Error: ..."), exit status 1, no traceback

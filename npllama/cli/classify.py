@@ -2,16 +2,14 @@
 import click
 
 from .. import backend, classify
-from .common import default, device_option, given
+from .common import device_option, given, setting_option
 
 SETTINGS = classify.ClassifySettings
 FINETUNE_ONLY = ("train_path", "lora_rank", "lora_alpha", "epochs", "lr", "seed", "workers")
 
 
 def _setting(name, kind, **options):
-    """An option whose default is ClassifySettings' own."""
-    return click.option("--" + name.replace("_", "-"), type=kind, default=default(SETTINGS, name), show_default=True,
-                        **options)
+    return setting_option(SETTINGS, name, kind, **options)
 
 
 @click.command("classify")

@@ -17,6 +17,12 @@ def default(settings_class, name):
     return next(field.default for field in dataclasses.fields(settings_class) if field.name == name)
 
 
+def setting_option(settings_class, name, kind, **options):
+    """--name-with-dashes for a settings field, with the field's default."""
+    return click.option("--" + name.replace("_", "-"), type=kind, default=default(settings_class, name),
+                        show_default=True, **options)
+
+
 def given(ctx, name):
     """Whether the user gave this parameter (rather than Click filling in its default)."""
     return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT

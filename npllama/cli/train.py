@@ -9,7 +9,7 @@ import click
 from .. import adapters, backend, data, model, train as training
 from ..config import PRESETS, human_count
 from ..io import weights
-from .common import default, device_option, given
+from .common import default, device_option, given, setting_option
 
 # flag -> the LlamaConfig field it sets for a new model
 MODEL_FLAGS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
@@ -31,9 +31,7 @@ def _lora_targets(ctx, param, value):
 
 
 def _setting(name, kind, **options):
-    """An option whose default is TrainSettings' own."""
-    return click.option("--" + name.replace("_", "-"), type=kind, default=default(SETTINGS, name), show_default=True,
-                        **options)
+    return setting_option(SETTINGS, name, kind, **options)
 
 
 @click.command("train")
@@ -96,8 +94,8 @@ def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force,
             raise click.ClickException("--resume continues the run in --out and --force starts it over: choose one")
         run = training.resume(out, data_path, **_given_settings(ctx, flags, tokenizer_spec, init_path, preset))
     else:
-        settings = SETTINGS(**flags, init=os.path.abspath(init_path) if init_path else None)
-        run = training.start(out, data_path, tokenizer_spec, settings.init, preset, model_settings, settings, force)
+        settings = SETTINGS(**flags, init=init_path)
+        run = training.start(out, data_path, tokenizer_spec, preset, model_settings, settings, force)
     if run.settings.lora_rank:
         trained = sum(int(value.size) for value in run.params.values())
         click.echo(f"LoRA rank {run.settings.lora_rank} (alpha {run.settings.lora_alpha:g}) on "

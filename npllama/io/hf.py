@@ -7,6 +7,7 @@ from .. import dtypes
 from . import files, safetensors_file, tokenizer as tokenizers
 from .common import WeightsError, config_from_json, host_tensors, optional_tokenizer, read_safetensors
 
+
 def read(directory):
     config_path = os.path.join(directory, "config.json")
     with open(config_path) as file:

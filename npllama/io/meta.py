@@ -24,7 +24,7 @@ NAMES = {  # HF short name -> (Meta name under "layers.{i}.", axis the shards ar
     "up_proj": ("feed_forward.w3.weight", 0),
 }
 TOP = {EMBEDDING: ("tok_embeddings.weight", 1), FINAL_NORM: ("norm.weight", None),
-            LM_HEAD: ("output.weight", 0)}
+       LM_HEAD: ("output.weight", 0)}
 DEFAULT_CONTEXT = 4096  # params.json does not say; Llama 2's context (LLaMA 1: 2048)
 
 

@@ -1,7 +1,7 @@
 """The npllama weights file, and the checkpoint layouts it is imported from and exported to.
 
 The npllama weights file is one safetensors file (safetensors_file.py):
-    tensors      HF transformers' names and layouts (model.py), in the dtype they were saved in
+    tensors      HF transformers' names and layouts (config.py), in the dtype they were saved in
     metadata     "npllama.config":    the config as config.json's JSON
                  "npllama.tokenizer": the tokenizer (tokenizer.to_metadata), absent when there is none
                  "format": "pt", which lets HF's safetensors loader read the tensors too
@@ -142,7 +142,7 @@ ADAPTERS_KEY = "npllama.lora"
 
 
 def save_adapters(path, adapters, rank, alpha, targets, metadata=None):
-    """A small safetensors file of LoRA adapters (lora.adapter_names -> A or B) and, in its metadata,
+    """A small safetensors file of LoRA adapters (adapters.adapter_names -> A or B) and, in its metadata,
     their rank, alpha and targets (written atomically)."""
     info = {"rank": rank, "alpha": alpha, "targets": list(targets)}
     safetensors_file.write(path, {name: backend.to_host(value) for name, value in adapters.items()},

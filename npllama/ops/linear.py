@@ -14,7 +14,8 @@ that performs its own product:
                                           (a dict {name: array} for parts of its own, e.g. LoRA's A, B)
 Frozen weights and LoRA adapters (adapters.py), weights multiplied as stored (runtime/streamed.py)
 and, next, quantized blocks and GPU kernels are such objects. This file is the only one that tells
-an array from an object: the ops and the model see a weight.
+an array from an object in a product: the ops see a weight. (The model asks backend.is_array too,
+for what is not a product: whether a parameter is trained, and a frozen one's values.)
 
 Fused weights. Fused multiplies by several weights at once, each with its rows reordered and scaled:
     y = [x W₁'ᵀ, x W₂'ᵀ, …],   Wᵢ' = sᵢ · Wᵢ[oᵢ]            oᵢ: a permutation of Wᵢ's rows
@@ -36,14 +37,14 @@ class Cache(NamedTuple):
     inner: object   # a weight object's own cache; None for an array
 
 
-def _rows(a):
-    """(..., n) -> (N, n) view."""
+def rows(a):
+    """(..., n) -> (N, n) view: the leading dimensions flattened into one."""
     return a.reshape(-1, a.shape[-1])
 
 
 def forward(x, weight):
     if backend.is_array(weight):
-        return (_rows(x) @ weight.T).reshape(*x.shape[:-1], weight.shape[0]), Cache(x, weight, None)
+        return (rows(x) @ weight.T).reshape(*x.shape[:-1], weight.shape[0]), Cache(x, weight, None)
     y, inner = weight.forward(x)
     return y, Cache(x, weight, inner)
 
@@ -63,12 +64,12 @@ def product(x, weight):
 
 def input_grad(dy, weight):
     """dx = dy W for an array W: (..., out) -> (..., in)."""
-    return (_rows(dy) @ weight).reshape(*dy.shape[:-1], weight.shape[1])
+    return (rows(dy) @ weight).reshape(*dy.shape[:-1], weight.shape[1])
 
 
 def weight_grad(dy, x):
     """dW = dyᵀ x with the leading dimensions flattened into one sum: (N, out)ᵀ (N, in) -> (out, in)."""
-    return _rows(dy).T @ _rows(x)
+    return rows(dy).T @ rows(x)
 
 
 class Part(NamedTuple):
@@ -124,17 +125,11 @@ def _inverse(order, size):
 
 def _arranged_rows(weight, order, scale):
     """s · W[o], as a new array (a gradient's way back: s · dW'[o⁻¹])."""
-    arranged = weight if order is None else weight[_on_device_of(weight, order)]
+    arranged = weight if order is None else weight[backend.on_device_of(weight, order)]
     return arranged * scale if scale != 1.0 else arranged.copy() if order is None else arranged
 
 
 def _arranged_columns(y, order, scale):
     """s · y[..., o]: the output of W[o]·s from the output of W (or, with o⁻¹, a gradient's way back)."""
-    arranged = y if order is None else y[..., _on_device_of(y, order)]
+    arranged = y if order is None else y[..., backend.on_device_of(y, order)]
     return arranged * scale if scale != 1.0 else arranged
-
-
-def _on_device_of(array, order):
-    """An index array where the array's module wants it (NumPy's own for anything not CuPy's)."""
-    module = backend.array_module(array)
-    return order if module is np else module.asarray(order)

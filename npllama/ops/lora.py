@@ -10,6 +10,8 @@ Backward:  dB = s · Σ_rows dδᵀ u                          dB: (out, r)
 """
 from typing import NamedTuple
 
+from .linear import rows as _rows
+
 
 class Cache(NamedTuple):
     x: object
@@ -17,10 +19,6 @@ class Cache(NamedTuple):
     a: object
     b: object
     scale: float
-
-
-def _rows(array):
-    return array.reshape(-1, array.shape[-1])
 
 
 def forward(x, a, b, scale):

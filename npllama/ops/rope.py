@@ -8,10 +8,11 @@ Read the pair as one complex number zᵢ = x_i + j·x_{i+hd/2} and this is a pro
 Forward:   y = z ⊙ e^{jpθ}                                     z, y: (..., T, n, hd/2) complex
 Backward:  a rotation's inverse is its transpose, the rotation by −θ:  dz = dy ⊙ e^{−jpθ}
 To be read as one complex number the two features of a pair must sit side by side in memory (a
-float array is then viewed as a complex one, no copy). `to_pairs` reorders q and k
-projection rows so they do ([x₀, x_{hd/2}, x₁, x_{1+hd/2}, …] per head) and `from_pairs` undoes it on
-their gradients; attention only forms q·k, which is the same for any order shared by q and k.
-Meta's checkpoints store this paired order; importers convert them to HF's on import.
+float array is then viewed as a complex one, no copy). `pair_order` reorders q and k projection rows
+so they do ([x₀, x_{hd/2}, x₁, x_{1+hd/2}, …] per head): the model's fused q/k/v weight is made with it,
+and maps the gradients back (ops/linear.Fused); attention only forms q·k, which is the same for any
+order shared by q and k. Meta's checkpoints store this paired order; importers convert them to HF's
+on import (`from_pairs`).
 
 rope_scaling (HF config.json):
   {"rope_type": "linear", "factor": f}   θᵢ / f (positions stretched f times)
@@ -79,18 +80,12 @@ def half_order(rows, head_dim):
 
 def to_pairs(weight, head_dim):
     """Projection rows (n·hd, ...) in HF order -> paired order."""
-    return weight[_on_device_of(weight, pair_order(weight.shape[0], head_dim))]
+    return weight[backend.on_device_of(weight, pair_order(weight.shape[0], head_dim))]
 
 
 def from_pairs(weight, head_dim):
-    """Inverse of to_pairs."""
-    return weight[_on_device_of(weight, half_order(weight.shape[0], head_dim))]
-
-
-def _on_device_of(weight, order):
-    """The index array where the weight's array module wants it (NumPy's own for anything not CuPy's)."""
-    module = backend.array_module(weight)
-    return order if module is np else module.asarray(order)
+    """Inverse of to_pairs (what importers of Meta-ordered q/k rows apply)."""
+    return weight[backend.on_device_of(weight, half_order(weight.shape[0], head_dim))]
 
 
 def _rotate(x, rotation):

@@ -34,20 +34,19 @@ import traceback
 import numpy as np
 
 from .. import backend
-from ..errors import UserError
+from ..errors import UserError, setting
 from . import cpu
 
 ALIGNMENT = 64  # bytes: each array starts on a cache line
 SHARED_DIRECTORY = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # RAM-backed on Linux
 
 
-class HelperError(UserError):
+class HelperError(UserError, RuntimeError):
     """A helper process failed or exited (message fit for the user)."""
 
 
 class OneProcess:
     """Every shard computed here, in order."""
-    count = 1
 
     def run(self, task, arrays, shards, trained=None):
         losses, total = [], None
@@ -63,7 +62,13 @@ class OneProcess:
 
 
 def default_count():
-    """One shard per usable core on the CPU (where BLAS's threads can be set to one each), else one."""
+    """The shard count a run records when none is given: NPLLAMA_WORKERS when set, else one shard per
+    usable core on the CPU (where BLAS's threads can be set to one each), else one."""
+    requested = os.environ.get("NPLLAMA_WORKERS", "").strip()
+    if requested:
+        if not requested.isdigit() or int(requested) < 1:
+            raise UserError(f"NPLLAMA_WORKERS must be a positive integer, got {requested!r}")
+        return int(requested)
     return cpu.usable_cores() if backend.device() == "cpu" and cpu.blas_threads_settable() else 1
 
 
@@ -93,7 +98,7 @@ def _new_file(size):
     except OSError as error:
         os.remove(path)
         raise HelperError(f"no room for {size / 2**20:.0f} MiB of shard buffers in {SHARED_DIRECTORY} "
-                          f"({error.strerror}); enlarge it or set NPLLAMA_WORKERS=1") from None
+                          f"({error.strerror}); enlarge it or use one worker ({setting('workers')} 1)") from None
     finally:
         os.close(descriptor)
     return path
@@ -136,20 +141,21 @@ class ShardPool:
                                          cwd=package_parent) for _ in range(helpers)]
         self.owner = os.getpid()  # a forked child must not talk to its parent's helpers
         self.layout = self.arrays = self.grads = None
+        self.sources = {}  # name -> the array last copied in, for the arrays not trained
         self.lock = threading.Lock()
 
     @property
     def closed(self):
         return not self.helpers
 
-    @property
-    def count(self):
-        return len(self.helpers) + 1
-
     def run(self, task, arrays, shards, trained=None):
         """task(arrays, *shard) -> (loss, grads) for shards[0] here, the others in the helpers (at most
         one each). arrays: name -> NumPy array; trained: the names whose gradients come back (default
-        all). Returns the list of losses and the sum of the gradients, added in the shards' order."""
+        all); the others are taken to stay as they are while they are the same objects (a frozen base),
+        so they are copied again only when another array takes their place. Returns the list of losses
+        and the sum of the gradients, added in the shards' order."""
+        if len(shards) == 1:  # nothing to share: this process, with all its BLAS threads
+            return OneProcess().run(task, arrays, shards)
         with self.lock:  # one step at a time: each helper answers in the order it was asked
             if self.closed or len(shards) - 1 > len(self.helpers):
                 raise HelperError(f"this pool has {len(self.helpers)} helpers for {len(shards) - 1} shards")
@@ -182,6 +188,7 @@ class ShardPool:
         grads_layout = [entry for entry in layout if entry[0] in set(trained)]
         if (layout, grads_layout) != self.layout:
             self.layout = self.arrays = self.grads = None
+            self.sources = {}
             paths = []
             try:
                 paths = [_new_file(_offsets(layout)[1])] + [_new_file(_offsets(grads_layout)[1])
@@ -195,8 +202,11 @@ class ShardPool:
             finally:
                 for path in paths:
                     os.remove(path)
+        trained = set(trained)
         for name, array in arrays.items():
-            self.arrays[name][...] = array
+            if name in trained or self.sources.get(name) is not array:
+                self.arrays[name][...] = array
+                self.sources[name] = None if name in trained else array
 
     def _ask(self, helper, message):
         try:
@@ -227,6 +237,7 @@ class ShardPool:
         at once otherwise (after a failed step nobody will read their answers)."""
         helpers, self.helpers = self.helpers, []
         self.layout = self.arrays = self.grads = None
+        self.sources = {}
         for helper in helpers:
             try:
                 helper.stdin.close()
