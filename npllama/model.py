@@ -42,11 +42,11 @@ def init_params(config, seed=0, dtype="float32"):
     params = {}
     for name, shape in parameter_shapes(config).items():
         if name.endswith("layernorm.weight") or name == FINAL_NORM:
-            values = np.ones(shape, dtype=np.float32)
+            initial = np.ones(shape, dtype=np.float32)
         else:
             std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
-            values = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-        params[name] = backend.to_device(values, dtype=dtype)
+            initial = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        params[name] = backend.to_device(initial, dtype=dtype)
     return params
 
 
@@ -138,7 +138,7 @@ class Weights:
         """x: (B, T, D) for tokens (B, T), and the embedding's cache."""
         table = values(self.params[EMBEDDING])
         rows, cache = embedding.forward(table, backend.array_module(table).asarray(tokens))
-        return backend.to_device(self.convert(rows, False)), cache
+        return self.xp.asarray(self.convert(rows, False)), cache
 
     def block(self, layer):
         return self._prepared(layer, lambda: self._block(layer))

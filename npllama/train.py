@@ -149,9 +149,9 @@ def sharded_loss_and_grads(arrays, config, tokens, targets, shards=1, workers=No
     tokens = model.check_tokens(tokens, config)
     targets = model.check_targets(targets, tokens, config)
     valid = targets != IGNORE_INDEX
-    rows = [rows for rows in np.array_split(np.arange(len(tokens)), min(shards, len(tokens))) if valid[rows].any()]
-    shares = [float(valid[r].sum() / valid.sum()) for r in rows]
-    tasks = [(config, lora_scale, tokens[r], targets[r], share) for r, share in zip(rows, shares)]
+    groups = [rows for rows in np.array_split(np.arange(len(tokens)), min(shards, len(tokens))) if valid[rows].any()]
+    shares = [float(valid[rows].sum() / valid.sum()) for rows in groups]
+    tasks = [(config, lora_scale, tokens[rows], targets[rows], share) for rows, share in zip(groups, shares)]
     trained = arrays if lora_scale is None else adapters.split(arrays)[1]
     losses, grads = (workers or parallel.workers(len(tasks))).run(shard_loss_and_grads, arrays, tasks, list(trained))
     return sum(share * loss for share, loss in zip(shares, losses, strict=True)), grads
@@ -244,9 +244,9 @@ class TrainingRun:
             if len(ids) == 0:
                 means[split] = None
                 continue
-            losses = [model.loss(self.model_params, self.config, *data.random_batch(ids, self.settings.batch_size,
-                                                                         self.context, rng))
-                      for _ in range(self.settings.eval_iters)]
+            batches = [data.random_batch(ids, self.settings.batch_size, self.context, rng)
+                       for _ in range(self.settings.eval_iters)]
+            losses = [model.loss(self.model_params, self.config, *batch) for batch in batches]
             means[split] = float(np.mean(losses))
         return means
 

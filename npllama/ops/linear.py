@@ -95,11 +95,9 @@ class Fused:
     def forward(self, x):
         if self.stacked is not None:
             return forward(x, self.stacked)
-        xp = backend.array_module(x)
         outputs = [forward(x, part.weight) for part in self.parts]
-        y = xp.concatenate([_arranged_columns(y, part.order, part.scale) for (y, _), part in zip(outputs, self.parts)],
-                           axis=-1)
-        return y, [cache for _, cache in outputs]
+        columns = [_arranged_columns(y, part.order, part.scale) for (y, _), part in zip(outputs, self.parts)]
+        return backend.array_module(x).concatenate(columns, axis=-1), [cache for _, cache in outputs]
 
     def backward(self, dy, cache):
         if self.stacked is not None:
@@ -111,7 +109,10 @@ class Fused:
         pieces = backend.array_module(dy).split(dy, np.cumsum(self.sizes)[:-1].tolist(), axis=-1)
         for piece, inverse, part, part_cache in zip(pieces, self.inverses, self.parts, cache):
             part_dx, grad = backward(_arranged_columns(piece, inverse, part.scale), part_cache)
-            dx = part_dx if dx is None else dx.__iadd__(part_dx)
+            if dx is None:
+                dx = part_dx
+            else:
+                dx += part_dx
             grads.append(grad)
         return dx, grads
 
@@ -125,8 +126,11 @@ def _inverse(order, size):
 
 def _arranged_rows(weight, order, scale):
     """s · W[o], as a new array (a gradient's way back: s · dW'[o⁻¹])."""
-    arranged = weight if order is None else weight[backend.on_device_of(weight, order)]
-    return arranged * scale if scale != 1.0 else arranged.copy() if order is None else arranged
+    if order is not None:
+        weight = weight[backend.on_device_of(weight, order)]  # a gather makes a new array
+    elif scale == 1.0:
+        return weight.copy()  # a part's gradient must not be a view of the stacked one
+    return weight * scale if scale != 1.0 else weight
 
 
 def _arranged_columns(y, order, scale):

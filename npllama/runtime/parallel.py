@@ -46,7 +46,8 @@ class HelperError(UserError, RuntimeError):
 
 
 class OneProcess:
-    """Every shard computed here, in order."""
+    """Every shard computed here, in order: the same sum as the shard pool's (trained is not needed:
+    the gradients stay where they are computed)."""
 
     def run(self, task, arrays, shards, trained=None):
         losses, total = [], None
