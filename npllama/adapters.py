@@ -102,7 +102,12 @@ def split(arrays):
 def with_adapters(arrays, scale):
     """The model's parameters from what a run holds: the arrays themselves when scale is None (no LoRA),
     else the frozen base among them with the adapters among them attached at this scale."""
-    return arrays if scale is None else attach(*split(arrays), scale)
+    if scale is None:
+        return arrays
+    base, adapters = split(arrays)
+    if not adapters:
+        raise ValueError("a LoRA scale was given, but there are no adapters among the arrays")
+    return attach(base, adapters, scale)
 
 
 def check_targets(targets):

@@ -184,11 +184,11 @@ def batch_loss_and_grads(model_params, config, head, batch, scale=1.0):
     """The batch's [(label, ids)] mean cross-entropy, and the gradients of scale × it for the trained
     model tensors and the head ({"head.weight", "head.bias"})."""
     tokens, lengths = pad([ids for _, ids in batch])
-    labels = backend.to_device(np.array([label for label, _ in batch]))
+    xp = backend.array_module(model.values(model_params[model.EMBEDDING]))
+    labels = xp.asarray([label for label, _ in batch])
     h_last, (shape, rows, last, caches) = last_hidden(model_params, config, tokens, lengths, keep_caches=True)
     loss, cache = head_forward(h_last, head["weight"], head["bias"], labels)
     dh_last, dw, db = head_backward(cache, scale)
-    xp = backend.array_module(dh_last)
     dh = xp.zeros(shape, dtype=dh_last.dtype)
     dh[rows, last] = dh_last
     grads = model.stack_backward(dh, caches)
@@ -218,12 +218,13 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
     """Train a head (and the model, or LoRA adapters of rank lora_rank on q and v) on train_set
     [(label, ids)], keeping the epoch with the best dev accuracy. params: writable device arrays.
     Each batch is cut into `workers` shards, their gradients summed across workers (runtime/parallel.py)."""
-    dtype = model.values(params[model.EMBEDDING]).dtype
+    xp, dtype = backend.array_module(params[model.EMBEDDING]), params[model.EMBEDDING].dtype
     rng = np.random.default_rng(seed)
-    head = {"weight": backend.to_device(rng.standard_normal((num_labels, config.hidden_size)) * 0.02, dtype=dtype),
-            "bias": backend.array_module(params[model.EMBEDDING]).zeros(num_labels, dtype=dtype)}
-    scale = (lora_alpha or lora_rank) / lora_rank if lora_rank else None
-    trained = adapters.init_adapters(params, config, ("q_proj", "v_proj"), lora_rank, lora_alpha or lora_rank,
+    head = {"weight": xp.asarray(rng.standard_normal((num_labels, config.hidden_size)) * 0.02, dtype=dtype),
+            "bias": xp.zeros(num_labels, dtype=dtype)}
+    lora_alpha = lora_rank if lora_alpha is None else lora_alpha
+    scale = lora_alpha / lora_rank if lora_rank else None
+    trained = adapters.init_adapters(params, config, ("q_proj", "v_proj"), lora_rank, lora_alpha,
                                      seed) if lora_rank else params
     arrays = {**params, **trained, **{HEAD + name: value for name, value in head.items()}}
     trained_arrays = {**trained, **{HEAD + name: value for name, value in head.items()}}
@@ -289,15 +290,15 @@ class ClassifySettings:
     lora_alpha: float = None  # default: the rank
     context: int = None  # tokens kept per text (its end); None: the model's context
     seed: int = 0
-    workers: int = None  # shards per batch, summed across workers; None: the usable cores (1 on a GPU)
+    workers: int = None  # fine-tuning's shards per batch, summed across workers; None: parallel.default_count()
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ClassifyError(f"{setting('mode')} must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.workers is None:
+        if self.workers is None and self.mode == "finetune":
             self.workers = parallel.default_count()
         for name in ("epochs", "batch_size", "workers"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ClassifyError(f"{setting(name)} must be at least 1, got {getattr(self, name)}")
         if self.context is not None and self.context < 2:
             raise ClassifyError(f"{setting('context')} must be at least 2, got {self.context}")

@@ -77,7 +77,7 @@ class TrainSettings:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on frozen weights
     lora_alpha: float = None  # adapters scale by alpha / rank; None: alpha = rank
     lora_targets: tuple = ("q_proj", "v_proj")
-    workers: int = None  # shards per batch, summed across workers; None: the usable cores (1 on a GPU)
+    workers: int = None  # shards per batch, summed across workers; None: parallel.default_count()
 
     def __post_init__(self):
         if self.decay_iters is None:
@@ -204,6 +204,7 @@ class TrainingRun:
         data.check_long_enough(self.train_ids, self.val_ids, self.context)
         self.optimizer = optimizer or adamw.AdamW(settings.lr, (settings.beta1, settings.beta2),
                                                   weight_decay=settings.weight_decay)
+        self.workers = parallel.workers(min(settings.workers, settings.batch_size))
         self.step = step
         self.rng = np.random.default_rng(settings.seed)
         if rng_state is not None:
@@ -225,9 +226,8 @@ class TrainingRun:
         lr = adamw.learning_rate(self.step, s.lr, s.min_lr, s.warmup, s.decay_iters)
         batches = [data.random_batch(self.train_ids, s.batch_size, self.context, self.rng)
                    for _ in range(s.grad_accum)]
-        workers = parallel.workers(min(s.workers, s.batch_size))  # looked up each step: a failed one closes a pool
         step_loss, norm = optimizer_step(self.arrays, self.config, self.optimizer, batches, lr, s.grad_clip,
-                                         s.workers, workers, s.lora_scale)
+                                         s.workers, self.workers, s.lora_scale)
         if math.isfinite(step_loss) and math.isfinite(norm):
             self.step += 1
         seconds = time.perf_counter() - started

@@ -14,7 +14,7 @@ from tests.gradcheck import relative_error
 
 def pool_or_skip(count):
     workers = parallel.workers(count)
-    if not isinstance(workers, parallel.ShardPool):
+    if not isinstance(workers, parallel.Workers):
         pytest.skip(f"the shard pool runs on the CPU with a controllable BLAS only ({backend.device()})")
     return workers
 
@@ -68,6 +68,12 @@ def test_lora_shards_in_the_pool(batch, rng):
     one = train.sharded_loss_and_grads(arrays, config, tokens, targets, 2, parallel.OneProcess(), lora_scale=2.0)
     assert sorted(one[1]) == sorted(lora)  # the frozen base gets no gradient
     assert_same(train.sharded_loss_and_grads(arrays, config, tokens, targets, 2, pool, lora_scale=2.0), one)
+    # a frozen array is copied to the helpers once a run; another run sees what it holds now
+    arrays["model.layers.0.mlp.up_proj.weight"] *= 1.5
+    changed = train.sharded_loss_and_grads(arrays, config, tokens, targets, 2, parallel.OneProcess(), lora_scale=2.0)
+    assert changed[0] != one[0]
+    assert_same(train.sharded_loss_and_grads(arrays, config, tokens, targets, 2, parallel.workers(2),
+                                             lora_scale=2.0), changed)
 
 
 def test_classification_shards_in_the_pool(rng):
@@ -75,9 +81,10 @@ def test_classification_shards_in_the_pool(rng):
     arrays = {**npllama.init_params(config), "head.weight": rng.standard_normal((3, 32)).astype(np.float32),
               "head.bias": np.zeros(3, np.float32)}
     batch = [(0, [1, 4, 2, 7]), (2, [3, 3]), (1, [5, 6, 7, 8, 9, 2])]
-    tasks = [(config, 0.0, batch[:2], 2 / 3), (config, 0.0, batch[2:], 1 / 3)]
+    tasks = [(config, None, batch[:2], 2 / 3), (config, None, batch[2:], 1 / 3)]
     pool = pool_or_skip(2)
     one = parallel.OneProcess().run(classify.shard_loss_and_grads, arrays, tasks)
+    assert sorted(one[1]) == sorted(set(arrays) - {"lm_head.weight"})  # the model but its LM head, and the head
     assert_same(pool.run(classify.shard_loss_and_grads, arrays, tasks), one)
     whole = classify.batch_loss_and_grads(arrays, config, {"weight": arrays["head.weight"],
                                                             "bias": arrays["head.bias"]}, batch)
@@ -91,7 +98,7 @@ def tiny(xp):
     if xp is not np:
         pytest.skip("shard helper processes serve NumPy arrays only")
     config = npllama.LlamaConfig.preset("tiny")
-    shard = (config, 0.0, np.zeros((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64), 0.5)
+    shard = (config, None, np.zeros((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64), 0.5)
     return npllama.init_params(config), shard
 
 

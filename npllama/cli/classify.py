@@ -28,7 +28,8 @@ def _setting(name, kind, **options):
 @click.option("--context", type=click.IntRange(min=2), help="Tokens kept per text (its end). Default: the model's.")
 @_setting("seed", int)
 @click.option("--workers", type=click.IntRange(min=1), help="Shards per batch, their gradients summed across "
-              "workers (processes on the CPU's cores). Default: the usable cores (1 on a GPU).")
+              "workers (processes on the CPU's cores). Default: NPLLAMA_WORKERS when set, else the usable "
+              "cores (1 on a GPU).")
 @click.option("--dev-out", help="Write the dev predictions here, one label index per line.")
 @click.option("--test-out", help="Write the test predictions here, one label index per line.")
 @device_option

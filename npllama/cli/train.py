@@ -77,8 +77,8 @@ def _setting(name, kind, **options):
 @click.option("--lora-targets", default=",".join(name[:-len("_proj")] for name in default(SETTINGS, "lora_targets")),
               show_default=True, callback=_lora_targets, help="Projections that get adapters, among q,k,v,o,gate,up,down.")
 @click.option("--workers", type=click.IntRange(min=1), help="Shards per batch, their gradients summed across "
-              "workers (processes on the CPU's cores); recorded, so a resumed run sums the same. Default: the "
-              "usable cores (1 on a GPU).")
+              "workers (processes on the CPU's cores); recorded, so a resumed run sums the same. Default: "
+              "NPLLAMA_WORKERS when set, else the usable cores (1 on a GPU).")
 @click.pass_context
 def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force, preset, device, **flags):
     """Train a Llama on a text file: checkpoints, log.csv and curves.png in the run directory."""

@@ -86,8 +86,9 @@ def keep_freed_memory():
     maps arrays above a dynamic threshold afresh and trims the heap's free top, so each step pays a
     page fault for every 4 KiB it touches again: 20% of a small model's step time here. With
     allocations up to 32 MiB served from the heap and 64 MiB of free top kept, they are reused.
-    It changes the whole process's allocator, so runs ask for it (train.py, parallel.py's helpers);
-    importing npllama or calling its functions does not."""
+    It changes the whole process's allocator, so what owns the process asks for it: training and
+    classification runs, the shard pool's helpers, the CLI's commands. Importing npllama or calling its
+    math (forward, loss_and_grads, generate) does not."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, Windows, musl): their allocators behave differently

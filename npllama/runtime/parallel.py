@@ -6,8 +6,11 @@ for every shard and returns the losses and the sum of the gradients. Which worke
 is the implementation's business; what the sum is depends only on the shards, added in their order,
 so a run is exact for a given shard count (the run's `workers` setting) on any machine:
     OneProcess      every shard in this process, one after the other (a GPU; one core)
-    ShardPool       on the CPU, one process per shard: this one and helpers (below)
+    Workers         on the CPU, one process per shard: this one and the helpers of the process's
+                    ShardPool (below), looked up at every step (a failed step closes it)
     (next: MPI across processes and machines, NCCL across GPUs)
+`workers(count)` gives the one for a run. The arrays whose gradients are not asked for (`trained`)
+are the run's frozen ones, a LoRA run's base: they must not change while the run lasts.
 The task is a module-level function, passed to helpers by name (pickle), so this module knows nothing
 of the model.
 
@@ -16,8 +19,8 @@ small reductions, so threads of one process keep waiting for each other; process
 process computes the first shard itself while each helper process (started on first use, running
 `serve`) computes one more, each with BLAS on one thread. The arrays and the gradients travel through
 shared memory (files in /dev/shm, mapped by every process and then removed): each step copies the
-arrays in once, each helper writes its shard's gradients there, and the main process adds them to
-its own. Small messages (the task, the shard, the loss) go through the helpers' stdin and stdout as
+trained arrays in (a run's frozen ones once), each helper writes its shard's gradients there, and the
+main process adds them to its own. Small messages (the task, the shard, the loss) go through the helpers' stdin and stdout as
 pickles.
 """
 import atexit
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import weakref
 
 import numpy as np
 
@@ -67,18 +71,31 @@ def default_count():
     usable core on the CPU (where BLAS's threads can be set to one each), else one."""
     requested = os.environ.get("NPLLAMA_WORKERS", "").strip()
     if requested:
-        if not requested.isdigit() or int(requested) < 1:
+        if not requested.isascii() or not requested.isdigit() or int(requested) < 1:
             raise UserError(f"NPLLAMA_WORKERS must be a positive integer, got {requested!r}")
         return int(requested)
     return cpu.usable_cores() if backend.device() == "cpu" and cpu.blas_threads_settable() else 1
 
 
 def workers(count):
-    """The seam for `count` shards: the CPU's shard pool with count − 1 helpers, or OneProcess for one
-    shard, on a GPU, or where BLAS's thread count cannot be set (the sum is the same)."""
+    """The seam for a run of `count` shards a batch: Workers on the CPU, OneProcess for one shard, on
+    a GPU, or where BLAS's thread count cannot be set (the sum is the same)."""
     if count == 1 or backend.device() != "cpu" or not cpu.blas_threads_settable():
         return OneProcess()
-    return pool(count - 1)
+    return Workers(count)
+
+
+class Workers:
+    """One run's side of the CPU's shard pool: its shards computed by this process and count − 1 helpers."""
+
+    def __init__(self, count):
+        self.count = count
+
+    def run(self, task, arrays, shards, trained=None):
+        """As OneProcess.run; the arrays outside `trained` are this run's frozen ones (module docstring)."""
+        if len(shards) == 1:  # nothing to share: this process, with all its BLAS threads
+            return OneProcess().run(task, arrays, shards)
+        return pool(self.count - 1).run(task, arrays, shards, trained, run=self)
 
 
 def _offsets(layout):
@@ -129,8 +146,8 @@ def _receive(stream):
 class ShardPool:
     """The main process's side: the helper processes and the shared arrays they read and write.
 
-    Any failure during a step closes the pool (a helper may have an answer left unread); the next
-    step starts a new one."""
+    Any failure during a step closes the pool (a helper may have an answer left unread); pool() then
+    starts a new one."""
 
     def __init__(self, helpers):
         package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -142,32 +159,30 @@ class ShardPool:
                                          cwd=package_parent) for _ in range(helpers)]
         self.owner = os.getpid()  # a forked child must not talk to its parent's helpers
         self.layout = self.arrays = self.grads = None
-        self.sources = {}  # name -> the array last copied in, for the arrays not trained
+        self.frozen = (None, {})  # (the run they belong to, name -> a weak reference to the array copied in)
         self.lock = threading.Lock()
 
     @property
     def closed(self):
         return not self.helpers
 
-    def run(self, task, arrays, shards, trained=None):
+    def run(self, task, arrays, shards, trained=None, run=None):
         """task(arrays, *shard) -> (loss, grads) for shards[0] here, the others in the helpers (at most
         one each). arrays: name -> NumPy array; trained: the names whose gradients come back (default
-        all); the others are taken to stay as they are while they are the same objects (a frozen base),
-        so they are copied again only when another array takes their place. Returns the list of losses
-        and the sum of the gradients, added in the shards' order."""
-        if len(shards) == 1:  # nothing to share: this process, with all its BLAS threads
-            return OneProcess().run(task, arrays, shards)
+        all). Given the run they belong to, the other arrays are that run's frozen ones: copied in once
+        (again only when another array takes a name's place). Returns the list of losses and the sum of
+        the gradients, added in the shards' order."""
         with self.lock:  # one step at a time: each helper answers in the order it was asked
             if self.closed or len(shards) - 1 > len(self.helpers):
                 raise HelperError(f"this pool has {len(self.helpers)} helpers for {len(shards) - 1} shards")
             try:
-                return self._run(task, arrays, shards, list(arrays) if trained is None else list(trained))
+                return self._run(task, arrays, shards, list(arrays) if trained is None else list(trained), run)
             except BaseException:
                 self.close(wait=False)
                 raise
 
-    def _run(self, task, arrays, shards, trained):
-        self._share(arrays, trained)
+    def _run(self, task, arrays, shards, trained, run):
+        self._share(arrays, trained, run)
         busy = self.helpers[:len(shards) - 1]
         for helper, shard in zip(busy, shards[1:]):
             self._ask(helper, ("task", task, shard))
@@ -180,7 +195,7 @@ class ShardPool:
                 grad += helper_grads[name]
         return losses, grads
 
-    def _share(self, arrays, trained):
+    def _share(self, arrays, trained, run):
         """Copy the arrays into shared memory, first laying it out anew if their shapes changed.
 
         The files are removed as soon as every helper has mapped them: nothing is left behind in
@@ -189,7 +204,7 @@ class ShardPool:
         grads_layout = [entry for entry in layout if entry[0] in set(trained)]
         if (layout, grads_layout) != self.layout:
             self.layout = self.arrays = self.grads = None
-            self.sources = {}
+            self.frozen = (None, {})
             paths = []
             try:
                 paths = [_new_file(_offsets(layout)[1])] + [_new_file(_offsets(grads_layout)[1])
@@ -204,10 +219,15 @@ class ShardPool:
                 for path in paths:
                     os.remove(path)
         trained = set(trained)
+        frozen_run, frozen = self.frozen
+        if run is None or run is not frozen_run:
+            frozen = {}
         for name, array in arrays.items():
-            if name in trained or self.sources.get(name) is not array:
+            if name in trained or run is None or name not in frozen or frozen[name]() is not array:
                 self.arrays[name][...] = array
-                self.sources[name] = None if name in trained else array
+                if name not in trained:
+                    frozen[name] = weakref.ref(array)
+        self.frozen = (run, frozen)
 
     def _ask(self, helper, message):
         try:
@@ -238,7 +258,7 @@ class ShardPool:
         at once otherwise (after a failed step nobody will read their answers)."""
         helpers, self.helpers = self.helpers, []
         self.layout = self.arrays = self.grads = None
-        self.sources = {}
+        self.frozen = (None, {})
         for helper in helpers:
             try:
                 helper.stdin.close()
