@@ -102,11 +102,11 @@ def check_coverage(tokenizer, examples, path):
 
 
 def encode(tokenizer, text, context):
-    """BOS (when the tokenizer has one) + the text's tokens, cut to the last `context` tokens."""
-    ids = tokenizer.encode(text, bos=tokenizer.bos_id is not None)
+    """BOS (when the model's text begins with one) + the text's tokens, cut to the last `context` tokens."""
+    ids = tokenizer.encode(text, bos=tokenizer.add_bos)
     if len(ids) <= context:
         return ids
-    if tokenizer.bos_id is None:
+    if not tokenizer.add_bos:
         return ids[-context:]
     return ids[:1] + ids[len(ids) - context + 1:]
 
@@ -125,7 +125,7 @@ def zero_shot_scores(params, config, tokenizer, texts, label_names, batch_size=1
     """(N, C) log-probabilities of each label name completing each text's prompt. A sequence longer
     than context (default: the model's) loses the start of its text, keeping BOS and the label."""
     context = min(context or config.max_position_embeddings, config.max_position_embeddings)
-    bos = tokenizer.bos_id is not None
+    bos = tokenizer.add_bos
     pairs = []  # (tokens, position of the label's first token) for every text and label
     for text in texts:
         prompt = tokenizer.encode(PROMPT.format(text=text), bos=bos)

@@ -38,7 +38,7 @@ import sentencepiece
 
 from .errors import UserError, setting
 from .io import files
-from .io.tokenizer import CharTokenizer, SentencePieceTokenizer, TokenizerError, to_metadata
+from .io.tokenizer import CharTokenizer, SentencePieceTokenizer, TokenizerError, load as load_tokenizer, to_metadata
 
 BUILTIN_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus",
                               "shakespeare-sample.txt")
@@ -96,19 +96,19 @@ def builtin_text():
 def make_tokenizer(spec, text, workdir):
     """The tokenizer `spec` names: 'char' (the text's sorted characters), 'bpe:N' (a SentencePiece BPE
     model of N pieces trained on the text, kept in workdir and reused for the same text and N), or the
-    path of a SentencePiece .model file."""
+    path of a tokenizer file (a SentencePiece .model or an HF tokenizer.json)."""
     spec = str(spec)
     if spec == "char":
         return CharTokenizer.from_text(text)
     if spec.startswith("bpe:"):
         return _bpe_tokenizer(spec, _bpe_size(spec), text, workdir)
     if not os.path.exists(spec):
-        raise DataError(f"{spec}: no such file (a tokenizer is 'char', 'bpe:N' or a SentencePiece "
-                        f".model file)")
+        raise DataError(f"{spec}: no such file (a tokenizer is 'char', 'bpe:N', a SentencePiece "
+                        f".model or a tokenizer.json file)")
     if os.path.isdir(spec):
-        raise DataError(f"{spec}: is a directory, not a SentencePiece .model file")
+        raise DataError(f"{spec}: is a directory, not a tokenizer file")
     try:
-        return SentencePieceTokenizer.from_file(spec)
+        return load_tokenizer(spec)
     except TokenizerError as error:
         raise DataError(str(error)) from None
 

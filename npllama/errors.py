@@ -29,3 +29,7 @@ class UserError(ValueError):
     def message(self, name_of=lambda name: name):
         """The message, each marked setting shown as name_of(its name)."""
         return _SETTING.sub(lambda match: name_of(match.group(1)), self.template)
+
+
+class TokenizerError(UserError):
+    """A tokenizer, text or id that cannot be used (here, below the io modules that raise it)."""

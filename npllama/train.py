@@ -255,10 +255,10 @@ class TrainingRun:
         token of the training data."""
         if self.settings.sample_tokens == 0:
             return ""
-        start = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else int(self.train_ids[0])]
+        start = [self.tokenizer.bos_id if self.tokenizer.add_bos else int(self.train_ids[0])]
         length = min(self.settings.sample_tokens, self.context - 1)
         new = generation.generate(self.model_params, self.config, start, length, temperature=0.8, top_k=200,
-                                  seed=self.settings.seed + self.step, eos_id=self.tokenizer.eos_id)
+                                  seed=self.settings.seed + self.step, eos_ids=self.tokenizer.eos_ids)
         return self.tokenizer.decode(start + new)
 
     # ---- checkpoints --------------------------------------------------------------------------------

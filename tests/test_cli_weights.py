@@ -174,7 +174,8 @@ def test_export_hf_round_trips(tmp_path, model_file):
     outdir = str(tmp_path / "hf")
     result = ok(cli("export-hf", model_file, outdir))
     assert "wrote" in result.stdout and outdir in result.stdout
-    assert sorted(os.listdir(outdir)) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(os.listdir(outdir)) == ["config.json", "generation_config.json", "model.safetensors",
+                                          "tokenizer.model", "tokenizer_config.json"]
     hf_config = json.load(open(os.path.join(outdir, "config.json")))
     assert hf_config["model_type"] == "llama" and hf_config["vocab_size"] == 384
     config, params, tokenizer = weights.load(model_file)
@@ -182,6 +183,7 @@ def test_export_hf_round_trips(tmp_path, model_file):
     assert again_config == config
     assert_same_tensors(again, params)
     assert again_tokenizer.model_bytes == tokenizer.model_bytes
+    assert again_tokenizer.conventions() == tokenizer.conventions()
     # and through the CLI: importing the exported directory gives the same file's tensors
     reimported = str(tmp_path / "again.safetensors")
     ok(cli("load-weights", outdir, "--out", reimported))
@@ -222,7 +224,7 @@ def test_prompt_text_prints_the_decoded_continuation(xp, model_file):
     config, params, tokenizer = weights.load(model_file)
     ids = tokenizer.encode(PROMPT_TEXT, bos=True)
     assert ids[0] == tokenizer.bos_id and ids == PROMPT_IDS
-    new = generate(params, config, ids, 20, eos_id=tokenizer.eos_id)
+    new = generate(params, config, ids, 20, eos_ids=tokenizer.eos_ids)
     assert result.stdout == tokenizer.decode(ids + new) + "\n"
     line = result.stderr.strip()
     assert "\n" not in line
@@ -247,7 +249,7 @@ def test_seeded_sampling_repeats_and_depends_on_the_seed(xp, model_file):
     assert first == second
     assert first != other and first != greedy
     config, params, tokenizer = weights.load(model_file)
-    new = generate(params, config, PROMPT_IDS, 20, temperature=0.8, seed=3, eos_id=tokenizer.eos_id)
+    new = generate(params, config, PROMPT_IDS, 20, temperature=0.8, seed=3, eos_ids=tokenizer.eos_ids)
     assert first == tokenizer.decode(PROMPT_IDS + new) + "\n"
 
 

@@ -3,6 +3,7 @@ reading the pieces a checkpoint is made of (safetensors, config JSON, tokenizer)
 import collections.abc
 import json
 import os
+import warnings
 
 from .. import backend, dtypes
 from ..config import ConfigError, LlamaConfig, parameter_shapes
@@ -64,13 +65,73 @@ def config_from_json(path, text):
         raise WeightsError(f"{path}: {error}") from None
 
 
-def read_tokenizer(path):
+def read_tokenizer(path, **settings):
     try:
-        return tokenizers.load(path)
+        return tokenizers.load(path, **settings)
     except OSError as error:
         raise WeightsError(f"{path}: cannot read the tokenizer ({error.strerror})") from None
 
 
-def optional_tokenizer(directory):
-    path = os.path.join(directory, "tokenizer.model")
-    return read_tokenizer(path) if os.path.isfile(path) else None
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # the first one present is read
+
+
+def directory_tokenizer(directory):
+    """The tokenizer of an HF or Meta directory with the model's conventions (tokenizer_config.json,
+    chat_template.jinja, generation_config.json, config.json), or None, with a warning, when the
+    directory has none that npllama can read."""
+    present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, name))]
+    if not present:
+        warnings.warn(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model): give token ids, "
+                      "or pass --tokenizer", TokenizerWarning)
+        return None
+    config = _json_file(directory, "tokenizer_config.json")
+    settings = {"add_bos": config.get("add_bos_token"),
+                "bos_token": _token_text(config.get("bos_token")),
+                "eos_token": _token_text(config.get("eos_token")),
+                "chat_template": _chat_template(directory, config.get("chat_template"))}
+    settings["eos_ids"] = _ids(_json_file(directory, "generation_config.json").get("eos_token_id")) or \
+        _ids(_json_file(directory, "config.json").get("eos_token_id")) or None
+    return read_tokenizer(os.path.join(directory, present[0]),
+                          **{name: value for name, value in settings.items() if value is not None})
+
+
+class TokenizerWarning(UserWarning):
+    """A checkpoint read without a tokenizer that it may have wanted."""
+
+
+def _json_file(directory, name):
+    """A JSON object file of the directory ({} when absent)."""
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise WeightsError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: not a JSON object")
+    return data
+
+
+def _token_text(token):
+    """tokenizer_config.json writes a special token as its text or as {"content": text, ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _ids(value):
+    return [value] if isinstance(value, int) else [i for i in value if isinstance(i, int)] if isinstance(value, list) else []
+
+
+def _chat_template(directory, configured):
+    """chat_template.jinja, else chat_template.json, else tokenizer_config.json's (a string, or a list
+    of {"name", "template"} of which the one named "default" is the chat template)."""
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as file:
+            return file.read()
+    configured = _json_file(directory, "chat_template.json").get("chat_template", configured)
+    if isinstance(configured, list):
+        named = {entry.get("name"): entry.get("template") for entry in configured if isinstance(entry, dict)}
+        configured = named.get("default")
+    return configured if isinstance(configured, str) else None

@@ -1,11 +1,12 @@
 """HF transformers checkpoint directories: read (config.json; model.safetensors, or the shards that
-model.safetensors.index.json lists; tokenizer.model when present), and written back (export)."""
+model.safetensors.index.json lists; the tokenizer: tokenizer.json or tokenizer.model, with
+tokenizer_config.json, chat_template.jinja and generation_config.json), and written back (export)."""
 import json
 import os
 
 from .. import dtypes
-from . import files, safetensors_file, tokenizer as tokenizers
-from .common import WeightsError, config_from_json, host_tensors, optional_tokenizer, read_safetensors
+from . import files, safetensors_file
+from .common import WeightsError, config_from_json, host_tensors, directory_tokenizer, read_safetensors
 
 
 def read(directory):
@@ -15,7 +16,7 @@ def read(directory):
     params = {}
     for shard in _hf_shards(directory):
         params.update(read_safetensors(shard)[1])
-    return config, params, optional_tokenizer(directory)
+    return config, params, directory_tokenizer(directory)
 
 
 def _hf_shards(directory):
@@ -39,9 +40,10 @@ def _hf_shards(directory):
 
 
 def export(directory, config, params, tokenizer=None):
-    """Write an HF transformers checkpoint directory (config.json, model.safetensors, tokenizer.model
-    for a SentencePiece tokenizer: HF has no format for a character vocabulary) that
-    LlamaForCausalLM.from_pretrained loads."""
+    """Write an HF transformers checkpoint directory that LlamaForCausalLM.from_pretrained and
+    AutoTokenizer.from_pretrained load: config.json, model.safetensors and the tokenizer's files
+    (tokenizer.model or tokenizer.json, tokenizer_config.json, generation_config.json). HF has no
+    format for a character vocabulary: it is left out. Returns the names of the files written."""
     os.makedirs(directory, exist_ok=True)
     stored = {dtypes.name(safetensors_file.dtype_and_shape(params, name)[0]) for name in params}
     torch_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
@@ -50,14 +52,51 @@ def export(directory, config, params, tokenizer=None):
                  **config.to_dict()}
     if hf_config.get("rope_scaling") is None:
         del hf_config["rope_scaling"]
-    if tokenizer is not None and tokenizer.bos_id is not None:
-        hf_config.setdefault("bos_token_id", tokenizer.bos_id)
-        hf_config.setdefault("eos_token_id", tokenizer.eos_id)
+    written = _tokenizer_files(tokenizer) if tokenizer is not None and tokenizer.kind != "char" else {}
+    if written:
+        hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=_one_or_list(tokenizer.eos_ids))
     safetensors_file.write(os.path.join(directory, "model.safetensors"), host_tensors(config, params),
                            {"format": "pt"})
-    files.write_atomically(os.path.join(directory, "config.json"), [json.dumps(hf_config, indent=2).encode()])
-    tokenizer_path = os.path.join(directory, "tokenizer.model")
-    if isinstance(tokenizer, tokenizers.SentencePieceTokenizer):
-        files.write_atomically(tokenizer_path, [tokenizer.model_bytes])
-    elif os.path.exists(tokenizer_path):  # an earlier export's: it does not belong to this model
-        os.remove(tokenizer_path)
+    _write_json(os.path.join(directory, "config.json"), hf_config)
+    for name in TOKENIZER_FILES:  # an earlier export's files do not belong to this model
+        path = os.path.join(directory, name)
+        if name in written:
+            files.write_atomically(path, [written[name]])
+        elif os.path.exists(path):
+            os.remove(path)
+    return ["config.json", "model.safetensors", *written]
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+def _tokenizer_files(tokenizer):
+    """File name -> bytes of the tokenizer as transformers reads it."""
+    def text(token_id):
+        return tokenizer.token_text(token_id) if token_id is not None else None
+    config = {"bos_token": text(tokenizer.bos_id), "eos_token": text(tokenizer.eos_id),
+              "add_bos_token": tokenizer.add_bos, "add_eos_token": False}
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": _one_or_list(tokenizer.eos_ids)}
+    if tokenizer.kind == "sentencepiece":
+        model = {"tokenizer.model": tokenizer.model_bytes}
+        config.update(tokenizer_class="LlamaTokenizer", legacy=False, unk_token=text(tokenizer.unk_id))
+    else:
+        model = {"tokenizer.json": tokenizer.json.encode("utf-8")}
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return {**model, "tokenizer_config.json": _json_bytes(config), "generation_config.json": _json_bytes(generation)}
+
+
+def _one_or_list(ids):
+    return ids[0] if len(ids) == 1 else list(ids) if ids else None
+
+
+def _json_bytes(data):
+    return json.dumps({key: value for key, value in data.items() if value is not None}, indent=2,
+                      ensure_ascii=False).encode("utf-8")
+
+
+def _write_json(path, data):
+    files.write_atomically(path, [_json_bytes(data)])

@@ -10,7 +10,7 @@ import numpy as np
 from ..config import EMBEDDING, FINAL_NORM, LM_HEAD, ConfigError, LlamaConfig, block_param_name
 from ..ops import rope
 from . import torch_pickle
-from .common import LazyTensors, WeightsError, optional_tokenizer
+from .common import LazyTensors, WeightsError, directory_tokenizer
 
 # How Meta's model parallelism splits each tensor across consolidated.NN.pth (llama/model.py):
 # ColumnParallelLinear splits the output rows (axis 0), RowParallelLinear the input columns (axis 1),
@@ -40,7 +40,7 @@ def read(directory):
     if not shard_paths:
         raise WeightsError(f"{directory}: unrecognised checkpoint layout: params.json but no consolidated.*.pth")
     shards = [_read_pth(path) for path in shard_paths]
-    tokenizer = optional_tokenizer(directory)
+    tokenizer = directory_tokenizer(directory)
     config = _meta_config(params_path, meta, shards)
     params = LazyTensors()
     for hf_name, (meta_name, axis) in _meta_names(config).items():
@@ -83,8 +83,9 @@ def _meta_config(path, meta, shards):
         embedding = shards[0]["tok_embeddings.weight"]
         ffn_rows = sum(shard["layers.0.feed_forward.w1.weight"].shape[0] for shard in shards)
         scaling = None
-        if meta.get("use_scaled_rope"):  # Llama 3.1's published constants
-            scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        if meta.get("use_scaled_rope"):  # Llama 3.1's published constants (3.2 gives its factor, 32)
+            scaling = {"rope_type": "llama3", "factor": float(meta.get("rope_scaling_factor") or 8.0),
+                       "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
         return LlamaConfig(vocab_size=embedding.shape[0], hidden_size=meta["dim"], intermediate_size=ffn_rows,
                            num_hidden_layers=meta["n_layers"], num_attention_heads=heads,

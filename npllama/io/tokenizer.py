@@ -1,8 +1,14 @@
-"""Tokenizers: SentencePiece (the Llama models' own) and characters (nanoGPT's shakespeare_char).
+"""Tokenizers: SentencePiece (Llama 1/2's own), HF `tokenizer.json` BPE (Llama 3, SmolLM, TinyLlama,
+Mistral: through the `tokenizers` library) and characters (nanoGPT's shakespeare_char).
 
-Both turn text into a list of ids and back, behind one small interface: `encode(text, bos, eos)`,
+All turn text into a list of ids and back, behind one interface: `encode(text, bos, eos)`,
 `decode(ids)`, `vocab_size`, `bos_id`/`eos_id` (None when absent), `kind`, `describe()` and
-`stream_decoder()`.
+`stream_decoder()`; and the model's conventions around them (Tokenizer):
+    add_bos        whether the model's text begins with BOS (Llama 2 yes; many BPE models add none)
+    eos_ids        the ids that end generation (Llama 3: <|end_of_text|>, <|eom_id|> and <|eot_id|>)
+    chat_template  the model's Jinja chat template (chat_template.py), None for a base model
+    apply_chat_template(messages, add_generation_prompt=True)   the conversation's ids
+Special tokens written in text (`<|im_start|>`, `<|eot_id|>`, a template's `<s>`) encode as their ids.
 
 - SentencePieceTokenizer wraps the `sentencepiece` library around a serialized model (the bytes of a
   tokenizer.model file, kept in `model_bytes` so a weights file can embed them). A piece is a word or
@@ -22,16 +28,15 @@ starts afresh wherever nothing before can change the text after (see _SentencePi
 import base64
 import binascii
 import json
+import os
 
 import sentencepiece
+import tokenizers
 
-from ..errors import UserError
+from ..errors import TokenizerError
+from . import chat_template as chat_templates, tiktoken_ranks
 
 REPLACEMENT_CHARACTER = "\ufffd"  # what sentencepiece prints for a byte that forms no character
-
-
-class TokenizerError(UserError):
-    """A tokenizer, text or id that cannot be used (message is one line, fit for the user)."""
 
 
 def _check_ids(ids, vocab_size):
@@ -50,11 +55,47 @@ def _add_specials(tokenizer, ids, bos, eos):
     return [tokenizer.bos_id] * bool(bos) + ids + [tokenizer.eos_id] * bool(eos)
 
 
-class SentencePieceTokenizer:
+class Tokenizer:
+    """The conventions every tokenizer carries beside its vocabulary (see the module docstring).
+
+    Subclasses set bos_id, eos_id and vocab_size, then call _set_conventions."""
+    kind = None
+    bos_id = eos_id = None
+
+    def _set_conventions(self, add_bos=None, eos_ids=(), chat_template=None):
+        """add_bos None: the tokenizer's own default; eos_ids: stop ids besides EOS."""
+        self.add_bos = bool(self._default_add_bos() if add_bos is None else add_bos) and self.bos_id is not None
+        stops = [i for i in [self.eos_id, *eos_ids] if i is not None]
+        self.eos_ids = tuple(dict.fromkeys(_check_ids(stops, self.vocab_size)))
+        self.chat_template = chat_template or None
+
+    def _default_add_bos(self):
+        return self.bos_id is not None
+
+    def conventions(self):
+        """What _set_conventions takes, as JSON-able values (for the weights file's metadata)."""
+        return {"add_bos": self.add_bos, "eos_ids": list(self.eos_ids), "chat_template": self.chat_template}
+
+    def token_text(self, token_id):
+        """The text a special token is written as in a prompt (e.g. '<s>', '<|eot_id|>')."""
+        raise NotImplementedError
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, **variables):
+        """The conversation rendered by the model's template: its ids (tokenize) or its text. Like
+        transformers, the template writes BOS itself (so none is added) and sees bos_token/eos_token."""
+        if self.chat_template is None:
+            raise TokenizerError("this model has no chat template (a base model: use generate, not chat)")
+        specials = {f"{name}_token": self.token_text(token_id)
+                    for name, token_id in (("bos", self.bos_id), ("eos", self.eos_id)) if token_id is not None}
+        text = chat_templates.render(self.chat_template, messages, add_generation_prompt, **{**specials, **variables})
+        return self.encode(text) if tokenize else text
+
+
+class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model, e.g. Llama 1/2's 32000 pieces, built from the model file's bytes."""
     kind = "sentencepiece"
 
-    def __init__(self, model_bytes, source="the data"):
+    def __init__(self, model_bytes, source="the data", **conventions):
         self.model_bytes = bytes(model_bytes)
         if not self.model_bytes:
             raise TokenizerError(f"{source} is not a SentencePiece model: it is empty")
@@ -66,22 +107,38 @@ class SentencePieceTokenizer:
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        self.unk_id = self._sp.unk_id() if self._sp.unk_id() >= 0 else None
         self._anchor_id, self._anchor_text = self._find_anchor()
+        self._control_ids = {self._sp.id_to_piece(i): i for i in range(self.vocab_size)
+                             if self._sp.is_control(i) and self._sp.id_to_piece(i)}
+        self._set_conventions(**conventions)
 
     @classmethod
-    def from_file(cls, path):
-        try:
-            with open(path, "rb") as file:
-                data = file.read()
-        except OSError as error:
-            raise TokenizerError(f"cannot read tokenizer {path}: {error.strerror}") from None
-        return cls(data, source=str(path))
+    def from_file(cls, path, **conventions):
+        return cls(_read_bytes(path), source=str(path), **conventions)
 
     def describe(self):
         return f"SentencePiece, {self.vocab_size} pieces"
 
+    def token_text(self, token_id):
+        return self._sp.id_to_piece(token_id)
+
     def encode(self, text, bos=False, eos=False):
-        return _add_specials(self, self._sp.encode(text), bos, eos)
+        """sentencepiece's ids, but a control piece's text ('<s>', '</s>', as chat templates write
+        them) is its id; as in HF's Llama tokenizer, the text after one gets no dummy-prefix space."""
+        ids = []
+        for index, (special, segment) in enumerate(_split_on(text, self._control_ids)):
+            ids += [special] * (special is not None)
+            if segment:
+                ids += self._sp.encode(segment) if index == 0 else self._encode_mid_text(segment)
+        return _add_specials(self, ids, bos, eos)
+
+    def _encode_mid_text(self, text):
+        """text's ids as if it followed other text: without the '▁' that begins a text. As HF's Llama
+        tokenizer does it: encode a prefix ('<unk>' written out, whose last piece '>' joins nothing)
+        before the text, and drop the prefix's pieces."""
+        prefix = self._sp.id_to_piece(self.unk_id) if self.unk_id is not None else self._anchor_text
+        return self._sp.encode(prefix + text)[len(self._sp.encode(prefix)):]
 
     def decode(self, ids):
         return self._sp.decode(_check_ids(ids, self.vocab_size))
@@ -176,11 +233,9 @@ class _SentencePieceStream:
         return self._text[self._emitted:]
 
 
-class CharTokenizer:
-    """One id per character of a fixed alphabet, in the given order; no BOS/EOS."""
+class CharTokenizer(Tokenizer):
+    """One id per character of a fixed alphabet, in the given order; no BOS/EOS, no chat template."""
     kind = "char"
-    bos_id = None
-    eos_id = None
 
     def __init__(self, chars):
         chars = list(chars)
@@ -195,6 +250,7 @@ class CharTokenizer:
             duplicate = next(c for i, c in enumerate(self.chars) if self._ids[c] != i)
             raise TokenizerError(f"character {duplicate!r} appears twice in the vocabulary")
         self.vocab_size = len(self.chars)
+        self._set_conventions()
 
     @classmethod
     def from_text(cls, text):
@@ -233,13 +289,172 @@ class _CharStream:
         return ""
 
 
+class HFTokenizer(Tokenizer):
+    """An HF `tokenizer.json` BPE, run by the `tokenizers` library (as transformers' fast tokenizers):
+    byte-level (Llama 3, SmolLM, GPT-2: every byte is a symbol, so no text is unknown) or
+    SentencePiece-style with byte fallback (TinyLlama, Mistral). Its added special tokens are matched
+    in the text before the BPE runs. bos_token/eos_token name the model's BOS/EOS (tokenizer_config.json
+    names them; without one, BOS is what the file's post-processor puts first)."""
+    kind = "tokenizers"
+
+    def __init__(self, text, source="the data", bos_token=None, eos_token=None, **conventions):
+        self.json = text
+        self._tokenizer, self._byte_level = _parse_tokenizer_json(text, source)
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self._byte_pieces, self._special_ids = _byte_pieces(text), _special_ids(text)
+        self._added_bos = self._ids_added_before("x")
+        self.bos_id = self.token_id(bos_token, source) if bos_token else (self._added_bos or [None])[0]
+        self.eos_id = self.token_id(eos_token, source) if eos_token else None
+        self._set_conventions(**conventions)
+
+    def _ids_added_before(self, text):
+        """The ids the file's post-processor puts before a text (e.g. [<|begin_of_text|>] or [])."""
+        plain = self._tokenizer.encode(text, add_special_tokens=False).ids
+        full = self._tokenizer.encode(text, add_special_tokens=True).ids
+        return full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+
+    def _default_add_bos(self):
+        return self.bos_id is not None and self._added_bos == [self.bos_id]
+
+    def token_id(self, token, source="the tokenizer"):
+        """The id of a token's text (e.g. '<|eot_id|>')."""
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{source}: the special token {token!r} is not in the vocabulary")
+        return token_id
+
+    def settings(self):
+        """The special tokens' texts and the conventions (what __init__ takes besides the JSON)."""
+        return {"bos_token": self.token_text(self.bos_id) if self.bos_id is not None else None,
+                "eos_token": self.token_text(self.eos_id) if self.eos_id is not None else None,
+                **self.conventions()}
+
+    def describe(self):
+        return f"{'byte-level ' if self._byte_level else ''}BPE (tokenizer.json), {self.vocab_size} tokens"
+
+    def token_text(self, token_id):
+        return self._tokenizer.id_to_token(token_id)
+
+    def encode(self, text, bos=False, eos=False):
+        return _add_specials(self, self._tokenizer.encode(text, add_special_tokens=False).ids, bos, eos)
+
+    def decode(self, ids):
+        """The text of the ids; special tokens (BOS, <|eot_id|>, ...) print nothing, as control pieces
+        do in SentencePiece."""
+        return self._tokenizer.decode(_check_ids(ids, self.vocab_size), skip_special_tokens=True)
+
+    def stream_decoder(self):
+        return _WindowStream(self)
+
+    def _may_change_with_more(self, ids):
+        """Whether ids to come may change the text of these: when the last that prints is a byte piece
+        of a byte-fallback BPE, since its decoder prints a run of bytes that is not UTF-8 as one
+        U+FFFD per byte of the run (special tokens between them print nothing, so do not end it)."""
+        printing = [i for i in ids if i not in self._special_ids]
+        return bool(printing) and printing[-1] in self._byte_pieces
+
+
+def _byte_pieces(text):
+    """The ids of a byte-fallback BPE's byte pieces <0x00>..<0xFF> (none for a byte-level BPE)."""
+    model = json.loads(text)["model"]
+    if not model.get("byte_fallback"):
+        return frozenset()
+    return frozenset(i for token, i in model["vocab"].items()
+                     if len(token) == 6 and token.startswith("<0x") and token.endswith(">"))
+
+
+def _special_ids(text):
+    return frozenset(token["id"] for token in json.loads(text).get("added_tokens", []) if token.get("special"))
+
+
+def _parse_tokenizer_json(text, source):
+    """(tokenizers.Tokenizer, byte_level) of a tokenizer.json; only BPE models are taken."""
+    try:
+        data = json.loads(text)
+        kind = data["model"].get("type")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise TokenizerError(f"{source} is not a tokenizer.json (HF tokenizers' JSON)") from None
+    if kind != "BPE":
+        raise TokenizerError(f"{source}: a {kind} tokenizer.json is not supported (npllama reads BPE "
+                             "tokenizers: byte-level as Llama 3's, or SentencePiece-style as TinyLlama's)")
+    try:
+        tokenizer = tokenizers.Tokenizer.from_str(text)
+    except Exception as error:  # the library raises bare Exceptions for malformed files
+        raise TokenizerError(f"{source}: the tokenizers library cannot read it: {_first_line(error)}") from None
+    return tokenizer, "ByteLevel" in json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
+
+
+class _WindowStream:
+    """Streaming decode by decoding a short window twice (as HF's text-generation-inference does).
+
+    The window runs from `start`; its first `held` ids have been printed already. For each new id:
+        before = decode(window[:held]),  after = decode(window)
+    and if `after` does not end in U+FFFD (bytes of an unfinished character), nor in a byte piece of a
+    byte-fallback BPE (whose run of bytes the next id may still make invalid), what it adds to `before`
+    is printed, and the window moves on to begin at the old `held`. Both texts start at the same id,
+    so whatever a decoder does at a text's start (e.g. dropping the first space) cancels out, and a
+    window only moves past text that is complete: the pieces printed add up to decode(all ids)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._ids = []
+        self._start = self._held = 0
+
+    def push(self, token_id):
+        self._ids += _check_ids([token_id], self._tokenizer.vocab_size)
+        before = self._tokenizer.decode(self._ids[self._start:self._held])
+        after = self._tokenizer.decode(self._ids[self._start:])
+        if (after.endswith(REPLACEMENT_CHARACTER) or len(after) <= len(before)
+                or self._tokenizer._may_change_with_more(self._ids[self._start:])):
+            return ""
+        self._start, self._held = self._held, len(self._ids)
+        return after[len(before):]
+
+    def flush(self):
+        before = self._tokenizer.decode(self._ids[self._start:self._held])
+        rest = self._tokenizer.decode(self._ids[self._start:])[len(before):]
+        self._ids, self._start, self._held = [], 0, 0
+        return rest
+
+
+def _split_on(text, specials):
+    """[(None, text before the first special), (special id, the text after it up to the next), ...]:
+    the leftmost, then longest, special text wins."""
+    pieces, special, position = [], None, 0
+    while True:
+        found = [(text.find(s, position), -len(s), s) for s in specials if s in text[position:]]
+        if not found:
+            return pieces + [(special, text[position:])]
+        at, _, token = min(found)
+        pieces.append((special, text[position:at]))
+        special, position = specials[token], at + len(token)
+
+
+def _read_bytes(path):
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise TokenizerError(f"cannot read tokenizer {path}: {error.strerror}") from None
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 # ---- embedding in a weights file's metadata (str -> str) ----------------------------------------------
+CONVENTIONS = ("add_bos", "eos_ids", "chat_template")
+
+
 def to_metadata(tokenizer):
     """A JSON string that from_metadata turns back into the same tokenizer."""
     if tokenizer.kind == "char":
         return json.dumps({"type": "char", "chars": tokenizer.chars}, ensure_ascii=False)
+    if tokenizer.kind == "tokenizers":
+        return json.dumps({"type": "tokenizers", "json": tokenizer.json, **tokenizer.settings()}, ensure_ascii=False)
     model = base64.b64encode(tokenizer.model_bytes).decode("ascii")
-    return json.dumps({"type": "sentencepiece", "model": model})
+    return json.dumps({"type": "sentencepiece", "model": model, **tokenizer.conventions()}, ensure_ascii=False)
 
 
 def from_metadata(text):
@@ -247,19 +462,44 @@ def from_metadata(text):
         data = json.loads(text)
     except (TypeError, ValueError) as error:
         raise TokenizerError(f"tokenizer metadata is not valid JSON: {error}") from None
-    kind = data.get("type") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        data = {}
+    kind = data.get("type")
     if kind == "char" and isinstance(data.get("chars"), str):
         return CharTokenizer(data["chars"])
+    conventions = {name: data[name] for name in CONVENTIONS if data.get(name) is not None}
     if kind == "sentencepiece" and isinstance(data.get("model"), str):
         try:
             model_bytes = base64.b64decode(data["model"], validate=True)
         except binascii.Error as error:
             raise TokenizerError(f"tokenizer metadata: the model is not valid base64: {error}") from None
-        return SentencePieceTokenizer(model_bytes, source="the embedded tokenizer")
-    raise TokenizerError('tokenizer metadata must be {"type": "char", "chars": ...} or '
-                         '{"type": "sentencepiece", "model": ...}')
+        return SentencePieceTokenizer(model_bytes, source="the embedded tokenizer", **conventions)
+    if kind == "tokenizers" and isinstance(data.get("json"), str):
+        return HFTokenizer(data["json"], source="the embedded tokenizer", bos_token=data.get("bos_token"),
+                           eos_token=data.get("eos_token"), **conventions)
+    raise TokenizerError('tokenizer metadata must be {"type": "char", "chars": ...}, '
+                         '{"type": "sentencepiece", "model": ...} or {"type": "tokenizers", "json": ...}')
 
 
-def load(path):
-    """A SentencePiece tokenizer from a .model file (e.g. an HF checkpoint's tokenizer.model)."""
-    return SentencePieceTokenizer.from_file(path)
+def load(path, **settings):
+    """A tokenizer from its file: an HF tokenizer.json, a SentencePiece .model, or Meta's Llama 3
+    tokenizer.model (a tiktoken rank file, turned into the equivalent tokenizer.json BPE). settings:
+    the conventions (add_bos, eos_ids, chat_template) and, for tokenizer.json, bos_token/eos_token."""
+    path = os.fspath(path)
+    data = _read_bytes(path)
+    if path.endswith(".json") or data.lstrip()[:1] == b"{":
+        return HFTokenizer(data.decode("utf-8", "replace"), source=str(path), **settings)
+    if tiktoken_ranks.is_rank_file(data):
+        return _llama3_tokenizer(data, path, settings)
+    settings = {name: value for name, value in settings.items() if name in CONVENTIONS}
+    return SentencePieceTokenizer(data, source=str(path), **settings)
+
+
+def _llama3_tokenizer(data, path, settings):
+    """Meta's Llama 3 tokenizer.model; without a stop set of its own (Meta's directories have no
+    generation_config.json) it stops where Llama 3's chat does, at <|eom_id|> and <|eot_id|> too."""
+    tokenizer = HFTokenizer(tiktoken_ranks.to_tokenizer_json(data, path), source=path,
+                            **{"bos_token": tiktoken_ranks.BOS, "eos_token": tiktoken_ranks.EOS, **settings})
+    if "eos_ids" not in settings:
+        tokenizer.eos_ids += tuple(tokenizer.token_id(text) for text in tiktoken_ranks.END_OF_TURN)
+    return tokenizer

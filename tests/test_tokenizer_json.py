@@ -1,0 +1,225 @@
+"""HF tokenizer.json tokenizers, the model's conventions (BOS, stop ids, chat template) read from an HF
+directory, their GGUF metadata, and the weights file and HF export carrying them.
+
+The reference ids are transformers' (tests/fixtures/make_tokenizer_fixtures.py wrote them into each
+fixture directory's expected.json); for a SentencePiece tokenizer.model it is sentencepiece itself."""
+import json
+import os
+import random
+import warnings
+
+import pytest
+import sentencepiece
+
+from npllama.io import tokenizer_gguf, weights
+from npllama.io.common import TokenizerWarning, directory_tokenizer
+from npllama.io.tokenizer import HFTokenizer, TokenizerError, from_metadata, load, to_metadata
+from npllama.model import init_params
+from npllama.config import LlamaConfig
+from tests.conftest import ROOT
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "tokenizers")
+JSON_KINDS = ["llama3", "chatml", "spm_json"]
+ALL_KINDS = JSON_KINDS + ["spm"]
+
+
+def fixture(kind):
+    directory = os.path.join(FIXTURES, kind)
+    with open(os.path.join(directory, "expected.json"), encoding="utf-8") as file:
+        return directory_tokenizer(directory), json.load(file)
+
+
+def stream_decode(tokenizer, ids):
+    stream = tokenizer.stream_decoder()
+    return "".join(stream.push(i) for i in ids) + stream.flush()
+
+
+@pytest.mark.parametrize("kind", JSON_KINDS)
+def test_ids_and_text_equal_transformers(kind):
+    tokenizer, expected = fixture(kind)
+    for text, ids, decoded in zip(expected["texts"], expected["encode"], expected["decode"]):
+        assert tokenizer.encode(text, bos=tokenizer.add_bos) == ids, text
+        assert tokenizer.decode(ids) == decoded, text
+
+
+def test_a_sentencepiece_model_encodes_as_sentencepiece_and_special_texts_as_transformers():
+    """For a tokenizer.model the reference is sentencepiece (transformers' converted fast tokenizer
+    drops a space from runs of leading spaces); sentencepiece cannot read '<s>' in text, so for texts
+    with special tokens the reference is transformers."""
+    tokenizer, expected = fixture("spm")
+    reference = sentencepiece.SentencePieceProcessor(model_file=os.path.join(FIXTURES, "spm", "tokenizer.model"))
+    for text, ids in zip(expected["texts"], expected["encode"]):
+        if "<s>" in text or "</s>" in text:
+            assert tokenizer.encode(text, bos=True) == ids, text
+        else:
+            assert tokenizer.encode(text, bos=True) == [1] + reference.encode(text), text
+    assert tokenizer.encode("  two", bos=True) != expected["encode"][2][:3]  # the known difference is real
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_chat_template_renders_as_transformers(kind):
+    tokenizer, expected = fixture(kind)
+    for conversation, ids, text in zip(expected["conversations"], expected["chat"], expected["chat_text"]):
+        assert tokenizer.apply_chat_template(conversation, tokenize=False) == text
+        assert tokenizer.apply_chat_template(conversation) == ids
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_special_ids_and_conventions_come_from_the_directory(kind):
+    tokenizer, expected = fixture(kind)
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (expected["bos_id"], expected["eos_id"])
+    stops = {"llama3": {5, 1, 4}, "chatml": {2}, "spm_json": {2}, "spm": {2}}[kind]
+    assert set(tokenizer.eos_ids) == stops and tokenizer.eos_ids[0] == tokenizer.eos_id
+    assert tokenizer.add_bos == (kind != "chatml")  # the ChatML model adds none, as SmolLM
+    assert tokenizer.chat_template is not None
+
+
+@pytest.mark.parametrize("kind", JSON_KINDS)
+def test_stream_decode_equals_one_shot_decode(kind):
+    tokenizer, expected = fixture(kind)
+    for ids in expected["encode"] + expected["chat"]:
+        assert stream_decode(tokenizer, ids) == tokenizer.decode(ids)
+    rng = random.Random(0)  # random ids split characters across tokens anywhere (byte pieces, emoji)
+    for _ in range(200):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 12))]
+        assert stream_decode(tokenizer, ids) == tokenizer.decode(ids), ids
+
+
+def test_stream_holds_a_character_until_its_last_byte():
+    tokenizer, _ = fixture("llama3")
+    ids = tokenizer.encode("🦙")
+    assert len(ids) > 1  # the fixture's small vocabulary spells the emoji in several byte tokens
+    stream = tokenizer.stream_decoder()
+    assert [stream.push(i) for i in ids] == [""] * (len(ids) - 1) + ["🦙"]
+
+
+def test_special_tokens_in_text_are_their_ids_and_decode_to_nothing():
+    tokenizer, _ = fixture("llama3")
+    eot = tokenizer.encode("<|eot_id|>")
+    assert eot == [5]
+    assert tokenizer.decode(tokenizer.encode("a<|eot_id|>b")) == "ab"
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_metadata_round_trip_keeps_the_conventions(kind):
+    tokenizer, expected = fixture(kind)
+    again = from_metadata(to_metadata(tokenizer))
+    assert type(again) is type(tokenizer)
+    assert again.conventions() == tokenizer.conventions()
+    assert (again.bos_id, again.eos_id) == (tokenizer.bos_id, tokenizer.eos_id)
+    for text in expected["texts"]:
+        assert again.encode(text, bos=again.add_bos) == tokenizer.encode(text, bos=tokenizer.add_bos)
+
+
+def test_metadata_of_an_older_file_has_the_default_conventions():
+    llama = load(os.path.join(ROOT, "..", "shared", "data", "llama2-tokenizer.model"))
+    old = json.loads(to_metadata(llama))
+    for key in ("add_bos", "eos_ids", "chat_template"):
+        del old[key]
+    again = from_metadata(json.dumps(old))
+    assert (again.add_bos, again.eos_ids, again.chat_template) == (True, (2,), None)
+
+
+def test_metas_llama3_tokenizer_model_reads_as_byte_level_bpe_with_llama3s_stops():
+    """Meta's directories have no generation_config.json: a rank file stops where Llama 3's chat does."""
+    tokenizer = load(os.path.join(ROOT, "tests", "fixtures", "tiktoken", "llama3_like.tiktoken"))
+    base = tokenizer.vocab_size - 256  # the 256 special tokens follow the ranks
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.add_bos
+    assert (tokenizer.bos_id, tokenizer.eos_ids) == (base, (base + 1, base + 8, base + 9))
+    assert tokenizer.encode("hi", bos=True)[0] == base and tokenizer.token_text(base + 9) == "<|eot_id|>"
+
+
+def test_unsupported_tokenizer_json_is_a_clear_error():
+    with pytest.raises(TokenizerError, match="a WordPiece tokenizer.json is not supported"):
+        load(os.path.join(FIXTURES, "wordpiece", "tokenizer.json"))
+
+
+def test_a_file_that_is_not_a_tokenizer_json(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"not": "a tokenizer"}')
+    with pytest.raises(TokenizerError, match="is not a tokenizer.json"):
+        load(path)
+
+
+def test_a_directory_without_a_tokenizer_warns_in_one_line(tmp_path):
+    with pytest.warns(TokenizerWarning, match="has no tokenizer"):
+        assert directory_tokenizer(str(tmp_path)) is None
+
+
+def test_a_directory_with_tokenizer_json_and_model_prefers_the_json(tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(FIXTURES, "llama3", name), "rb").read())
+    (tmp_path / "tokenizer.model").write_bytes(open(os.path.join(FIXTURES, "spm", "tokenizer.model"), "rb").read())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(directory_tokenizer(str(tmp_path)), HFTokenizer)
+
+
+# ---- GGUF metadata ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_gguf_metadata_round_trip(kind):
+    """Written as llama.cpp's keys and read back: byte-level BPE stays byte-level ('gpt2', with the
+    pre-tokenizer's llama.cpp name), SentencePiece and SentencePiece-style BPE become 'llama'."""
+    tokenizer, expected = fixture(kind)
+    fields = tokenizer_gguf.fields(tokenizer)
+    assert fields["tokenizer.ggml.model"] == {"llama3": "gpt2", "chatml": "gpt2"}.get(kind, "llama")
+    assert fields.get("tokenizer.ggml.pre") == {"llama3": "llama-bpe", "chatml": "gpt-2"}.get(kind)
+    again = tokenizer_gguf.read(fields)
+    assert (again.bos_id, again.eos_id, again.add_bos) == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos)
+    assert set(again.eos_ids) == set(tokenizer.eos_ids) and again.chat_template == tokenizer.chat_template
+    for text, ids in zip(expected["texts"], expected["encode"]):
+        if kind == "spm_json" and text.startswith(" "):
+            continue  # as a SentencePiece model it follows sentencepiece on leading spaces (see above)
+        assert again.encode(text, bos=again.add_bos) == tokenizer.encode(text, bos=tokenizer.add_bos), text
+        assert again.decode(ids) == tokenizer.decode(ids)
+
+
+def test_gguf_llama_vocabulary_rebuilds_the_llama2_sentencepiece_model():
+    llama = load(os.path.join(ROOT, "..", "shared", "data", "llama2-tokenizer.model"))
+    fields = tokenizer_gguf.fields(llama)
+    assert fields["tokenizer.ggml.tokens"][:4] == ["<unk>", "<s>", "</s>", "<0x00>"]
+    assert fields["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]
+    assert fields["tokenizer.ggml.add_space_prefix"] is True
+    again = tokenizer_gguf.read(fields)
+    reference = sentencepiece.SentencePieceProcessor(model_file=os.path.join(ROOT, "..", "shared", "data",
+                                                                             "llama2-tokenizer.model"))
+    for text in ["Hello world", "  two spaces", "日本語 🦙 café", "tabs\tand\nnewlines", "x" * 50]:
+        assert again.encode(text) == reference.encode(text)
+        assert [reference.get_score(i) for i in again.encode(text)] == \
+            [fields["tokenizer.ggml.scores"][i] for i in again.encode(text)]
+
+
+def test_gguf_refuses_what_it_cannot_express():
+    from npllama.io.tokenizer import CharTokenizer
+    with pytest.raises(TokenizerError, match="character vocabulary has no GGUF form"):
+        tokenizer_gguf.fields(CharTokenizer("abc"))
+    with pytest.raises(TokenizerError, match="GGUF tokenizer model 'bert' is not supported"):
+        tokenizer_gguf.read({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+    with pytest.raises(TokenizerError, match="GGUF pre-tokenizer 'qwen2' is not supported"):
+        tokenizer_gguf.read({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+                             "tokenizer.ggml.tokens": ["a"]})
+
+
+# ---- the weights file and the HF export carry the tokenizer -----------------------------------------
+def tiny_model(vocab_size):
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, tie_word_embeddings=True)
+    return config, init_params(config, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "spm"])
+def test_weights_file_and_hf_export_keep_the_tokenizer(tmp_path, kind):
+    tokenizer, expected = fixture(kind)
+    config, params = tiny_model(tokenizer.vocab_size)
+    weights.save(str(tmp_path / "m.safetensors"), config, params, tokenizer)
+    _, _, loaded = weights.load(str(tmp_path / "m.safetensors"))
+    assert loaded.conventions() == tokenizer.conventions()
+    written = weights.export_hf(str(tmp_path / "hf"), config, params, loaded)
+    assert {"tokenizer_config.json", "generation_config.json"} <= set(written)
+    assert ("tokenizer.json" in written) == (kind == "llama3")
+    _, _, exported = weights.load(str(tmp_path / "hf"))
+    assert exported.conventions() == tokenizer.conventions()
+    assert exported.apply_chat_template(expected["conversations"][1]) == expected["chat"][1]
+    hf_config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert hf_config["bos_token_id"] == tokenizer.bos_id
+    assert hf_config["eos_token_id"] == (list(tokenizer.eos_ids) if len(tokenizer.eos_ids) > 1 else tokenizer.eos_id)
