@@ -60,6 +60,10 @@ class Decoder:
             return Streamed(array, self.dtype)
         return backend.to_device(dtypes.compute_array(array, self.dtype))
 
+    def rewind(self, length):
+        """Forget the positions from `length` on (the cache keeps the first `length`)."""
+        self.cache.length = min(self.cache.length, length)
+
     def advance(self, tokens):
         end = self.cache.length + len(tokens)
         if end > self.cache.max_len:
@@ -79,6 +83,7 @@ def _default_dtype(params):
 @dataclasses.dataclass
 class GenerationStats:
     prompt_tokens: int
+    cached_tokens: int = 0  # of the prompt's, those a kept KV cache already held (chat): not run again
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -87,8 +92,9 @@ class GenerationStats:
     def summary(self):
         """One line: tokens and speeds."""
         steps = self.new_tokens - 1  # the first new token comes from the prefill's logits
-        return (f"prompt {self.prompt_tokens} tokens, {self.new_tokens} new ({self.stop_reason}); "
-                f"prefill {_rate(self.prompt_tokens, self.prefill_seconds)}, "
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
+        return (f"prompt {self.prompt_tokens} tokens{cached}, {self.new_tokens} new ({self.stop_reason}); "
+                f"prefill {_rate(self.prompt_tokens - self.cached_tokens, self.prefill_seconds)}, "
                 f"decode {_rate(steps, self.decode_seconds)}")
 
 
@@ -100,10 +106,10 @@ def _rate(tokens, seconds):
 
 
 def stream(params, config, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-           seed=None, eos_id=None, dtype=None):
+           seed=None, eos_ids=(), dtype=None):
     """(tokens, stats): an iterator over the new token ids, produced one at a time, and the
-    GenerationStats it fills in. Stops after max_new_tokens, after eos_id (included), or when the
-    model's context is full. Arguments are checked here, before the first token."""
+    GenerationStats it fills in. Stops after max_new_tokens, after any of eos_ids (an id or ids;
+    included), or when the model's context is full. Arguments are checked here, before the first token."""
     prompt = [int(t) for t in prompt_ids]
     context = config.max_position_embeddings
     if not prompt:
@@ -119,10 +125,11 @@ def stream(params, config, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
     # The last new token is never fed back, so the cache needs one position fewer than the total.
     max_len = max(len(prompt), min(context, len(prompt) + max_new_tokens - 1))
     decoder = Decoder(params, config, max_len, dtype)
-    return _tokens(decoder, sampler, prompt, max_new_tokens, eos_id, context, stats), stats
+    stops = {int(i) for i in np.atleast_1d(eos_ids if eos_ids is not None else ())}
+    return _tokens(decoder, sampler, prompt, max_new_tokens, stops, context, stats), stats
 
 
-def _tokens(decoder, sampler, prompt, max_new_tokens, eos_id, context, stats):
+def _tokens(decoder, sampler, prompt, max_new_tokens, stops, context, stats):
     if max_new_tokens == 0:
         stats.stop_reason = "length"
         return
@@ -134,7 +141,7 @@ def _tokens(decoder, sampler, prompt, max_new_tokens, eos_id, context, stats):
     while True:
         stats.new_tokens += 1
         yield token
-        if token == eos_id:
+        if token in stops:
             stats.stop_reason = "eos"
         elif stats.new_tokens == max_new_tokens:
             stats.stop_reason = "length"
@@ -148,8 +155,8 @@ def _tokens(decoder, sampler, prompt, max_new_tokens, eos_id, context, stats):
 
 
 def generate(params, config, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-             seed=None, eos_id=None, dtype=None):
+             seed=None, eos_ids=(), dtype=None):
     """The new token ids (a list) after prompt_ids; greedy when temperature == 0. See stream()."""
     tokens, _ = stream(params, config, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
-                       eos_id, dtype)
+                       eos_ids, dtype)
     return list(tokens)

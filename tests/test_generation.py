@@ -75,7 +75,7 @@ def test_stops_after_eos_and_reports_why(model):
     config, params = model
     greedy = generation.generate(params, config, [1, 2], 10)
     eos = greedy[4]
-    tokens, stats = generation.stream(params, config, [1, 2], 10, eos_id=eos)
+    tokens, stats = generation.stream(params, config, [1, 2], 10, eos_ids=eos)
     assert list(tokens) == greedy[:greedy.index(eos) + 1] and stats.stop_reason == "eos"
 
 

@@ -19,7 +19,7 @@ LAYERS = [
     ["npllama.adapters", "npllama.runtime"],
     ["npllama.io"],
     ["npllama.model", "npllama.adamw", "npllama.data", "npllama.sampling"],
-    ["npllama.generation", "npllama.train", "npllama.classify"],
+    ["npllama.generation", "npllama.conversation", "npllama.train", "npllama.classify"],
     ["npllama.cli"],
 ]
 

@@ -1,6 +1,8 @@
 """npllama's command line: one module per group of commands, each parsing flags, calling the library and
 printing. No math and no run logic live here. `npllama COMMAND` (installed) and `python cli.py COMMAND`
 (from a checkout) are the same program."""
+import warnings
+
 import click
 
 from ..errors import UserError
@@ -19,12 +21,18 @@ def flag(name):
 class _Commands(click.Group):
     def invoke(self, ctx):
         cpu.keep_freed_memory()  # this process is the command's: arrays freed and made again are reused
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except UserError as error:  # bad input: one line ("Error: ..."), exit status 1, no traceback
             raise click.ClickException(error.message(flag)) from None
         except OSError as error:  # unreadable files, full disks: the system's reason is the message
             raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")) from None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning is one line for the user ("Warning: ..."), not a source location."""
+    click.echo(f"Warning: {message}", err=True)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
