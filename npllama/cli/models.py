@@ -1,10 +1,10 @@
-"""Commands on model files: presets, load-weights, info, export-hf, merge-lora."""
+"""Commands on model files: presets, load-weights, info, export-hf, merge-lora, export-gguf."""
 import os
 
 import click
 
 from ..config import PRESETS, LlamaConfig, human_count
-from ..io import tokenizer as tokenizers, weights
+from ..io import weights
 from .common import refuse_to_overwrite
 
 
@@ -33,7 +33,8 @@ def load_weights(source, out, tokenizer_path, dtype, force):
 
     SOURCE is an HF checkpoint directory (config.json, model.safetensors or sharded with an index,
     tokenizer.model), a Meta directory (params.json, consolidated.NN.pth, tokenizer.model; read without
-    torch), a llama2.c .bin (legacy, or versioned 'ak42' v1/v2), or an npllama weights file."""
+    torch), a llama2.c .bin (legacy, or versioned 'ak42' v1/v2), a GGUF file (llama.cpp's: F32, F16,
+    BF16, or quantized Q4_0 … Q8_0 and K-quants, dequantized to fp32), or an npllama weights file."""
     refuse_to_overwrite(out, force)
     config, params, tokenizer = weights.load(source, tokenizer_path)
     if os.path.dirname(out):
@@ -56,16 +57,16 @@ def info(weights_path):
 @click.argument("outdir")
 @click.option("--force", is_flag=True, help="Write into OUTDIR even if it is not empty.")
 def export_hf(weights_path, outdir, force):
-    """Write WEIGHTS as an HF transformers directory (config.json, model.safetensors, tokenizer.model)."""
+    """Write WEIGHTS as an HF transformers directory (config.json, model.safetensors and the tokenizer:
+    tokenizer.model or tokenizer.json, tokenizer_config.json with the chat template, generation_config.json)."""
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise click.ClickException(f"{outdir} is a file; OUTDIR names the directory to write")
     if os.path.isdir(outdir) and os.listdir(outdir) and not force:
         raise click.ClickException(f"{outdir} is not empty; pass --force to write into it")
     config, params, tokenizer = weights.load(weights_path)
-    weights.export_hf(outdir, config, params, tokenizer)
-    sentencepiece = isinstance(tokenizer, tokenizers.SentencePieceTokenizer)
-    click.echo(f"wrote {outdir} (config.json, model.safetensors{', tokenizer.model' if sentencepiece else ''})")
-    if tokenizer is not None and not sentencepiece:
+    written = weights.export_hf(outdir, config, params, tokenizer)
+    click.echo(f"wrote {outdir} ({', '.join(written)})")
+    if tokenizer is not None and tokenizer.kind == "char":
         click.echo(f"note: HF has no tokenizer format for {tokenizer.describe()}; keep using {weights_path} "
                    "to encode and decode", err=True)
 
@@ -84,4 +85,24 @@ def merge_lora(weights_path, adapters_path, out, force):
     click.echo(f"wrote {out}: {len(adapters) // 2} adapters of rank {info['rank']} merged into {weights_path}")
 
 
-COMMANDS = [presets, load_weights, info, export_hf, merge_lora]
+@click.command("export-gguf")
+@click.argument("weights_path", metavar="WEIGHTS")
+@click.argument("out", metavar="OUT.gguf")
+@click.option("--type", "quant_type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16",
+              show_default=True, help="The matrices' type (norms stay f32, as llama.cpp's converter keeps them).")
+@click.option("--force", is_flag=True, help="Overwrite OUT.gguf if it exists.")
+def export_gguf(weights_path, out, quant_type, force):
+    """Write WEIGHTS (anything load-weights reads) as a GGUF file for llama.cpp: the names, metadata and q/k
+    row order its converter writes, and the tokenizer."""
+    refuse_to_overwrite(out, force)
+    config, params, tokenizer = weights.load(weights_path)
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    weights.export_gguf(out, config, params, tokenizer, quant_type)
+    click.echo(f"wrote {out} ({quant_type})")
+    if tokenizer is None:
+        click.echo(f"note: {weights_path} has no tokenizer, so neither has {out}; llama.cpp needs one to load it",
+                   err=True)
+
+
+COMMANDS = [presets, load_weights, info, export_hf, merge_lora, export_gguf]

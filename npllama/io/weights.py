@@ -16,10 +16,12 @@ Sources `load` reads (`detect` tells them apart):
                     each tensor split along the axis its layer is parallel on); tokenizer.model
     llama2.c .bin   the legacy header (7 int32s, vocab negative when the classifier is not shared),
                     or the versioned one (magic "ak42", version 1: float32; version 2: int8 Q8_0)
-each read by its own module (hf.py, meta.py, llama2c.py). Meta and llama2.c store q and k rows in
-RoPE's interleaved-pair order; they are permuted to HF's rotate-half order on import (rope.from_pairs),
-so the model has one convention everywhere. Converted tensors are made when read (LazyTensors), one at
-a time: a 13 GB import never holds more than a tensor's worth of converted data.
+    GGUF            llama.cpp's file (magic "GGUF"): metadata, tokenizer and tensors, F32/F16/BF16 or
+                    quantized (dequantized when read); export_gguf writes one
+each read by its own module (hf.py, meta.py, llama2c.py, gguf_file.py). Meta, llama2.c and GGUF store
+q and k rows in RoPE's interleaved-pair order; they are permuted to HF's rotate-half order on import
+(rope.from_pairs), so the model has one convention everywhere. Converted tensors are made when read
+(LazyTensors), one at a time: a 13 GB import never holds more than a tensor's worth of converted data.
 
 LoRA adapters have a small file of their own (save_adapters, load_adapters; merge_adapters folds them in).
 """
@@ -33,7 +35,7 @@ import numpy as np
 from .. import backend, dtypes
 from ..adapters import TARGETS as LORA_TARGETS, Adapted, adapter_names
 from ..config import human_count, parameter_shapes
-from . import hf, llama2c, meta, safetensors_file, tokenizer as tokenizers
+from . import gguf_file, hf, llama2c, meta, safetensors_file, tokenizer as tokenizers
 from .common import (LazyTensors, WeightsError, config_from_json, host_tensors,  # noqa: F401 (re-exported)
                      read_safetensors, read_tokenizer)
 
@@ -44,9 +46,7 @@ CONFIG_KEY, TOKENIZER_KEY, VERSION_KEY = "npllama.config", "npllama.tokenizer", 
 def save(path, config, params, tokenizer=None, dtype=None, metadata=None):
     """Write the npllama weights file atomically; dtype (e.g. 'fp16') converts tensors, else kept.
     metadata (str -> str) is stored beside the config (training writes its step there)."""
-    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
-        raise WeightsError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                           f"vocab_size is {config.vocab_size}")
+    _check_vocabulary(path, config, tokenizer)
     metadata = {**(metadata or {}), "format": "pt", VERSION_KEY: FORMAT_VERSION,
                 CONFIG_KEY: json.dumps(config.to_dict())}
     if tokenizer is not None:
@@ -56,7 +56,8 @@ def save(path, config, params, tokenizer=None, dtype=None, metadata=None):
 
 def load(path, tokenizer_path=None):
     """(config, params, tokenizer) from any source `detect` recognises; tokenizer is None when the
-    source has none. tokenizer_path (a SentencePiece .model) replaces or supplies the tokenizer.
+    source has none. tokenizer_path (a SentencePiece .model or tokenizer.json) replaces or supplies the
+    tokenizer.
     Tensors keep their stored dtype and are memory-mapped where the source allows."""
     kind = detect(path)
     config, params, tokenizer = IMPORTERS[kind](path)
@@ -67,7 +68,7 @@ def load(path, tokenizer_path=None):
 
 
 def detect(path):
-    """Which source path is: 'npllama', 'hf', 'meta' or 'llama2c' (WeightsError when none)."""
+    """Which source path is: 'npllama', 'hf', 'meta', 'gguf' or 'llama2c' (WeightsError when none)."""
     if not os.path.exists(path):
         raise WeightsError(f"{path}: no such file or directory")
     if os.path.isdir(path):
@@ -78,6 +79,8 @@ def detect(path):
                            "(HF) or params.json (Meta)")
     with open(path, "rb") as file:
         head = file.read(8)
+    if head[:4] == b"GGUF":
+        return "gguf"
     if len(head) == 8 and struct.unpack("<I", head[:4])[0] == llama2c.MAGIC:
         return "llama2c"
     if path.endswith(".bin") and llama2c.legacy_header(path) is not None:
@@ -108,6 +111,11 @@ def _check(path, config, params, tokenizer):
             raise WeightsError(f"{path}: tensor {name} has shape {found}, the config says {shape}")
         if dtype != dtypes.BFLOAT16 and dtype.kind != "f":
             raise WeightsError(f"{path}: tensor {name} has dtype {dtype}, not a floating-point type")
+    _check_vocabulary(path, config, tokenizer)
+
+
+def _check_vocabulary(path, config, tokenizer):
+    """The tokenizer's ids and the embedding's rows must match one to one (a mismatch is the wrong tokenizer)."""
     if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
         raise WeightsError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                            f"vocab_size is {config.vocab_size}")
@@ -205,4 +213,6 @@ def merge_adapters(params, adapters, scale):
 
 
 export_hf = hf.export
-IMPORTERS = {"npllama": _read_npllama, "hf": hf.read, "meta": meta.read, "llama2c": llama2c.read}
+export_gguf = gguf_file.export
+IMPORTERS = {"npllama": _read_npllama, "hf": hf.read, "meta": meta.read, "llama2c": llama2c.read,
+             "gguf": gguf_file.read}
