@@ -4,19 +4,26 @@ transformers' greedy generate on the same weights and threads).
     python bench/decode.py                                  # stories15M shape, 256 new tokens, CPU
     python bench/decode.py --torch                          # and HF transformers for comparison
     python bench/decode.py --weights weights/7b.safetensors --new-tokens 128 --device cuda
+    python bench/decode.py --preset smollm-135m --gguf q8_0 --torch   # read from a GGUF file of that type
 
 Random weights (std 0.02) of a preset's shape unless --weights names a file; the prompt is
 --prompt-tokens ids drawn at random after BOS. EOS is ignored so every run makes --new-tokens tokens.
-Prints prefill and decode tok/s, the median of --repeats runs.
+Prints prefill and decode tok/s, the median of --repeats runs. With --gguf the weights are first
+written as a GGUF file (export-gguf) and read back from it, as a llama.cpp model would be: the load
+time (reading the file, then making the weights the decoder computes with) is printed too, and torch
+gets the same (dequantized) weights.
 """
 import argparse
+import os
 import statistics
+import tempfile
 import time
 
 import numpy as np
 
 import npllama
 from npllama import backend, generation
+from npllama.io import weights
 from npllama.runtime import cpu
 
 
@@ -52,6 +59,22 @@ def torch_speeds(params, config, prompt, new_tokens, threads):
     return len(prompt) / prefill, (made - 1) / max(total - prefill, 1e-9)
 
 
+def through_gguf(config, params, quant_type, directory):
+    """(config, params) read back from a GGUF file of the weights, and the seconds reading took and
+    making the decoder's weights took (dequantizing, widening to fp32)."""
+    path = os.path.join(directory, f"model.{quant_type}.gguf")
+    weights.export_gguf(path, config, params, None, quant_type)
+    started = time.perf_counter()
+    config, params, _ = npllama.load(path)
+    read = time.perf_counter() - started
+    started = time.perf_counter()
+    generation.Decoder(params, config, 1)
+    made = time.perf_counter() - started
+    print(f"GGUF {quant_type}: {os.path.getsize(path) / 2**20:.1f} MiB; load {read:.2f} s, "
+          f"weights made {made:.2f} s")
+    return config, params
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="stories15M")
@@ -62,6 +85,7 @@ def main():
     parser.add_argument("--device", default="cpu", choices=backend.DEVICES)
     parser.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU)")
     parser.add_argument("--torch", action="store_true", help="also time HF transformers' generate")
+    parser.add_argument("--gguf", choices=["f32", "f16", "bf16", "q8_0"], help="read the weights from a GGUF file")
     args = parser.parse_args()
 
     backend.use(args.device)
@@ -71,6 +95,9 @@ def main():
     else:
         config = npllama.LlamaConfig.preset(args.preset)
         params = npllama.init_params(config, seed=0)
+    scratch = tempfile.TemporaryDirectory()
+    if args.gguf:
+        config, params = through_gguf(config, params, args.gguf, scratch.name)
     prompt = [1] + list(np.random.default_rng(0).integers(3, config.vocab_size, args.prompt_tokens - 1))
     threads = cpu.usable_cores()
     print(f"{args.weights or args.preset}: {npllama.config.human_count(config.num_parameters())} params, "
