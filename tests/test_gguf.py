@@ -16,7 +16,7 @@ import npllama
 from npllama import backend, dtypes
 from npllama.config import LlamaConfig
 from npllama.generation import generate
-from npllama.io import weights
+from npllama.io import gguf_file, weights
 from npllama.io.tokenizer import CharTokenizer
 from npllama.ops import rope
 from tests.conftest import ROOT
@@ -407,3 +407,37 @@ def test_a_truncated_file(tmp_path, keep):
     data = open(fixture("gqa-q8_0"), "rb").read()
     (tmp_path / "cut.gguf").write_bytes(data[:int(len(data) * keep)])
     load_weights_fails(tmp_path, tmp_path / "cut.gguf", "cut.gguf: not a readable GGUF file, truncated or corrupt")
+
+
+# ---- the header reader ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", FILES)
+def test_the_reader_reads_each_file_as_ggufs_own_reader(name):
+    """gguf_file parses the header itself (gguf-py's GGUFReader is slow on big vocabularies): every key,
+    value, tensor type, shape and byte must be what GGUFReader reads."""
+    metadata, tensors = gguf_file.read_file(fixture(name))
+    reference = gguf_fields(fixture(name))
+    assert metadata == {key: value for key, (_, value) in reference.items()}
+    assert {key: type(value) for key, value in metadata.items()} == \
+        {key: type(value) for key, (_, value) in reference.items()}
+    theirs = gguf_tensors(fixture(name))
+    assert list(tensors) == list(theirs)
+    for tensor_name, (kind, dims, data) in theirs.items():
+        ours = tensors[tensor_name]
+        assert (ours.type.name, ours.shape) == (kind, tuple(reversed(dims)))
+        assert ours.data.tobytes() == data.tobytes()
+
+
+def test_a_corrupt_array_length_fails_at_once(tmp_path):
+    """A count no file could hold (a flipped bit) is refused, not looped over."""
+    data = bytearray(open(fixture("gqa-q8_0"), "rb").read())
+    key = b"tokenizer.ggml.tokens"
+    count_at = data.index(key) + len(key) + 8  # after the key: value type ARRAY, element type STRING, count
+    data[count_at:count_at + 8] = (2 ** 60).to_bytes(8, "little")
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    load_weights_fails(tmp_path, tmp_path / "bad.gguf", "bad.gguf: not a readable GGUF file, truncated or corrupt")
+
+
+def test_not_a_gguf_file(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"GGUF" + (7).to_bytes(4, "little") + bytes(16))
+    with pytest.raises(weights.WeightsError, match="GGUF version 7; npllama reads versions 2 and 3"):
+        gguf_file.read_file(str(tmp_path / "x.gguf"))

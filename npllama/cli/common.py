@@ -30,6 +30,6 @@ def given(ctx, name):
 
 def refuse_to_overwrite(path, force):
     if os.path.isdir(path):
-        raise click.ClickException(f"{path} is a directory; --out names the weights file to write")
+        raise click.ClickException(f"{path} is a directory, not a file to write")
     if os.path.exists(path) and not force:
         raise click.ClickException(f"{path} exists; pass --force to overwrite it")

@@ -1,19 +1,21 @@
 """Writing files so that a reader never sees half of one: a temporary file beside the target, flushed
 to disk, then renamed over it (a rename within one folder is atomic on POSIX and Windows). If the
 writing fails or is interrupted, the temporary file is removed and the target is as it was."""
+import contextlib
 import os
 import tempfile
 
 
-def write_atomically(path, blocks):
-    """Write the byte blocks (an iterable of bytes-like objects, consumed one at a time) to path."""
+@contextlib.contextmanager
+def replacing(path):
+    """A temporary path beside `path` for the block to write (and close); when the block ends without
+    an error it is synced to disk and renamed to path, otherwise removed."""
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                                          prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as file:
-            for block in blocks:
-                file.write(block)
-            file.flush()
+        yield temporary
+        with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         umask = os.umask(0)
         os.umask(umask)
@@ -23,3 +25,10 @@ def write_atomically(path, blocks):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def write_atomically(path, blocks):
+    """Write the byte blocks (an iterable of bytes-like objects, consumed one at a time) to path."""
+    with replacing(path) as temporary, open(temporary, "wb") as file:
+        for block in blocks:
+            file.write(block)
