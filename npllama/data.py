@@ -211,25 +211,11 @@ def _trainer_reason(error):
     return lines[-1].split("] ", 1)[-1].strip() or lines[-1]
 
 
-def _processor(tokenizer):
-    return sentencepiece.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
-
-
 def check_coverage(tokenizer, text, tokenizer_name="the tokenizer", data_name="the data"):
-    """Raise DataError unless the tokenizer can encode every character of the text.
-
-    A CharTokenizer must hold each character. A SentencePiece model with byte fallback covers any text;
-    one without maps each character it lacks (after normalization) to <unk>, whatever its neighbours,
-    so a character is covered when encoding it alone gives no <unk>. `tokenizer_name` and `data_name`
-    go into the message, e.g. check_coverage(tok, text, f"the tokenizer of {weights}", path)."""
-    if tokenizer.kind == "char":
-        missing = set(text) - set(tokenizer.chars)
-    else:
-        sp = _processor(tokenizer)
-        if any(sp.is_byte(i) for i in range(sp.get_piece_size())):
-            return
-        unk = sp.unk_id()
-        missing = {c for c in set(text) if unk in sp.encode(c)}
+    """Raise DataError unless the tokenizer can encode every character of the text (no unknown token;
+    see Tokenizer.uncovered). `tokenizer_name` and `data_name` go into the message, e.g.
+    check_coverage(tok, text, f"the tokenizer of {weights}", path)."""
+    missing = tokenizer.uncovered(text)
     if missing:
         offset = min(text.find(c) for c in missing)
         raise DataError(f"{tokenizer_name} does not cover {data_name}: {text[offset]!r} at offset "
@@ -304,8 +290,11 @@ def _line_chunks(text, size):
 
 def _newline_is_a_boundary(tokenizer):
     """Whether nothing in a SentencePiece model can join the text on the two sides of a newline: no piece
-    contains one, and normalization keeps it (see the module docstring)."""
-    sp = _processor(tokenizer)
+    contains one, and normalization keeps it (see the module docstring). A tokenizer.json BPE's
+    pre-tokenizer may join a newline to the spaces around it (Llama 3's does): its text is one piece."""
+    if tokenizer.kind != "sentencepiece":
+        return False
+    sp = sentencepiece.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
     if any("\n" in sp.id_to_piece(i) for i in range(sp.get_piece_size())):
         return False
     probe = "a\nb \n\n c\n"

@@ -223,3 +223,14 @@ def test_weights_file_and_hf_export_keep_the_tokenizer(tmp_path, kind):
     hf_config = json.load(open(tmp_path / "hf" / "config.json"))
     assert hf_config["bos_token_id"] == tokenizer.bos_id
     assert hf_config["eos_token_id"] == (list(tokenizer.eos_ids) if len(tokenizer.eos_ids) > 1 else tokenizer.eos_id)
+
+
+@pytest.mark.parametrize("kind", JSON_KINDS)
+def test_training_data_encodes_with_a_tokenizer_json(tmp_path, kind):
+    """train and eval read a text through data.token_ids: one piece (a tokenizer.json pre-tokenizer may
+    join a newline to the spaces around it), and any character is covered (bytes or byte fallback)."""
+    from npllama import data
+    tokenizer, _ = fixture(kind)
+    text = "First Citizen:\n  Speak, speak.\n\n\tAll: 🦙 日本\n" * 50
+    data.check_coverage(tokenizer, text)
+    assert list(data.token_ids(text, tokenizer, str(tmp_path))) == tokenizer.encode(text)

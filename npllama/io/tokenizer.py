@@ -80,6 +80,11 @@ class Tokenizer:
         """The text a special token is written as in a prompt (e.g. '<s>', '<|eot_id|>')."""
         raise NotImplementedError
 
+    def uncovered(self, text):
+        """The characters of the text that encode as the unknown token (none for byte fallback or
+        byte-level BPE, which spell any character in bytes)."""
+        raise NotImplementedError
+
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, **variables):
         """The conversation rendered by the model's template: its ids (tokenize) or its text. Like
         transformers, the template writes BOS itself (so none is added) and sees bos_token/eos_token."""
@@ -122,6 +127,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def token_text(self, token_id):
         return self._sp.id_to_piece(token_id)
+
+    def uncovered(self, text):
+        if any(self._sp.is_byte(i) for i in range(self.vocab_size)):
+            return set()
+        return {c for c in set(text) if self.unk_id in self._sp.encode(c)}  # normalization may map it
 
     def encode(self, text, bos=False, eos=False):
         """sentencepiece's ids, but a control piece's text ('<s>', '</s>', as chat templates write
@@ -275,6 +285,9 @@ class CharTokenizer(Tokenizer):
     def stream_decoder(self):
         return _CharStream(self)
 
+    def uncovered(self, text):
+        return set(text) - set(self.chars)
+
 
 class _CharStream:
     """Every character id is its own text: nothing is ever held back."""
@@ -334,6 +347,13 @@ class HFTokenizer(Tokenizer):
 
     def token_text(self, token_id):
         return self._tokenizer.id_to_token(token_id)
+
+    def uncovered(self, text):
+        unknown = json.loads(self.json)["model"].get("unk_token")
+        if self._byte_level or self._byte_pieces or unknown is None:
+            return set()
+        unknown = self._tokenizer.token_to_id(unknown)
+        return {c for c in set(text) if unknown in self.encode(c)}
 
     def encode(self, text, bos=False, eos=False):
         return _add_specials(self, self._tokenizer.encode(text, add_special_tokens=False).ids, bos, eos)
