@@ -42,7 +42,7 @@ def torch_speeds(params, config, prompt, new_tokens, threads):
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_dict().items() if k != "rope_scaling"},
                                          rope_scaling=config.rope_scaling)
     model = transformers.LlamaForCausalLM(hf_config).eval()
-    state = {name: torch.from_numpy(np.asarray(backend.to_host(array), dtype=np.float32))
+    state = {name: torch.from_numpy(np.array(backend.to_host(array), dtype=np.float32))
              for name, array in params.items()}
     model.load_state_dict(state, strict=False)
     model.tie_weights()

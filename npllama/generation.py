@@ -51,7 +51,7 @@ class Decoder:
         if self.resident:  # prepared now, so that prefill's time is the model's
             for layer in range(config.num_hidden_layers):
                 self.weights.block(layer)
-            self.weights.final_norm, self.weights.head
+            self.weights.embedding, self.weights.final_norm, self.weights.head
 
     def _computed(self, array, matrix):
         """A stored array as it is computed with: on the device in the compute dtype, or (a matrix,

@@ -134,9 +134,15 @@ class Weights:
             self._kept[key] = make()
         return self._kept[key]
 
+    @property
+    def embedding(self):
+        """The embedding table as stored; kept when blocks are kept (decoding): a table made when read
+        (a dequantized GGUF, llama2.c's int8) is then made once."""
+        return self._prepared("embedding", lambda: values(self.params[EMBEDDING]))
+
     def embed(self, tokens):
         """x: (B, T, D) for tokens (B, T), and the embedding's cache."""
-        table = values(self.params[EMBEDDING])
+        table = self.embedding
         rows, cache = embedding.forward(table, backend.array_module(table).asarray(tokens))
         return self.xp.asarray(self.convert(rows, False)), cache
 
