@@ -96,14 +96,14 @@ def check_coverage(tokenizer, examples, path):
     """Every text can be encoded (a character tokenizer knows only its training text's characters)."""
     for number, (_, text) in enumerate(examples, start=1):
         try:
-            tokenizer.encode(text)
+            tokenizer.encode(text, special=False)
         except TokenizerError as error:
             raise ClassifyError(f"{path}, example {number}: {error}") from None
 
 
 def encode(tokenizer, text, context):
     """BOS (when the model's text begins with one) + the text's tokens, cut to the last `context` tokens."""
-    ids = tokenizer.encode(text, bos=tokenizer.add_bos)
+    ids = tokenizer.encode(text, bos=tokenizer.add_bos, special=False)
     if len(ids) <= context:
         return ids
     if not tokenizer.add_bos:
@@ -128,9 +128,9 @@ def zero_shot_scores(params, config, tokenizer, texts, label_names, batch_size=1
     bos = tokenizer.add_bos
     pairs = []  # (tokens, position of the label's first token) for every text and label
     for text in texts:
-        prompt = tokenizer.encode(PROMPT.format(text=text), bos=bos)
+        prompt = tokenizer.encode(PROMPT.format(text=text), bos=bos, special=False)
         for name in label_names:
-            full = tokenizer.encode(PROMPT.format(text=text) + " " + name, bos=bos)
+            full = tokenizer.encode(PROMPT.format(text=text) + " " + name, bos=bos, special=False)
             first = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
             cut = max(0, len(full) - context)
             if cut:

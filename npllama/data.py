@@ -238,7 +238,8 @@ def cache_path(text, tokenizer, cache_dir):
 
 
 def token_ids(text, tokenizer, cache_dir):
-    """The text's token ids (no BOS: one continuous stream, see the module docstring) as a read-only
+    """The text's token ids (no BOS: one continuous stream, see the module docstring; a special token's
+    text, '<s>' or '<|endoftext|>', is read as text like any other) as a read-only
     numpy.memmap, encoded once: a later call with the same text and tokenizer maps the cached file."""
     if not text:
         raise DataError("there is no text to tokenize")
@@ -253,14 +254,14 @@ def token_ids(text, tokenizer, cache_dir):
 def _encode_chunks(text, tokenizer):
     """The ids of the text as a few arrays whose concatenation is the ids of the whole text."""
     if tokenizer.kind != "char" and not _newline_is_a_boundary(tokenizer):
-        yield _checked(tokenizer.encode(text), tokenizer)
+        yield _checked(tokenizer.encode(text, special=False), tokenizer)
         return
-    newline = tokenizer.encode("\n") if tokenizer.kind != "char" else []
+    newline = tokenizer.encode("\n", special=False) if tokenizer.kind != "char" else []
     for k, chunk in enumerate(_line_chunks(text, CHUNK_CHARS)):
         if k == 0 or tokenizer.kind == "char":
-            yield _checked(tokenizer.encode(chunk), tokenizer)
+            yield _checked(tokenizer.encode(chunk, special=False), tokenizer)
             continue
-        ids = tokenizer.encode("\n" + chunk)
+        ids = tokenizer.encode("\n" + chunk, special=False)
         if ids[:len(newline)] != newline:  # cannot happen when _newline_is_a_boundary holds
             raise DataError("the tokenizer encodes a newline differently in context; cannot chunk")
         yield _checked(ids[len(newline):], tokenizer)

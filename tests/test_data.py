@@ -43,9 +43,9 @@ class CountingTokenizer:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def encode(self, text, bos=False, eos=False):
+    def encode(self, text, bos=False, eos=False, special=True):
         self.encode_calls += 1
-        return self._inner.encode(text, bos, eos)
+        return self._inner.encode(text, bos, eos, special)
 
 
 def train_sentencepiece(lines, **options):
@@ -284,7 +284,7 @@ def test_token_cache_names_text_and_tokenizer(corpus, bpe300, tmp_path):
 
 def test_token_cache_write_is_atomic(corpus, tmp_path):
     class Failing(CountingTokenizer):
-        def encode(self, text, bos=False, eos=False):
+        def encode(self, text, bos=False, eos=False, special=True):
             raise RuntimeError("interrupted")
     with pytest.raises(RuntimeError, match="interrupted"):
         data.token_ids(corpus, Failing(CharTokenizer.from_text(corpus)), tmp_path)

@@ -170,8 +170,23 @@ def test_gguf_metadata_round_trip(kind):
     for text, ids in zip(expected["texts"], expected["encode"]):
         if kind == "spm_json" and text.startswith(" "):
             continue  # as a SentencePiece model it follows sentencepiece on leading spaces (see above)
+        if kind in ("spm", "spm_json") and "</s>" in text:
+            continue  # after a special token llama.cpp's rule is not transformers' (the test below)
         assert again.encode(text, bos=again.add_bos) == tokenizer.encode(text, bos=tokenizer.add_bos), text
         assert again.decode(ids) == tokenizer.decode(ids)
+
+
+def test_gguf_sentencepiece_text_after_a_special_token_begins_with_a_space_as_in_llama_cpp():
+    """llama.cpp (llama-vocab.cpp, SPM) puts the dummy-prefix space before every text that follows a
+    special token, as sentencepiece does to a text of its own and Meta's Llama 2 chat code does; HF's
+    Llama tokenizer with legacy=False does not."""
+    tokenizer, _ = fixture("spm")
+    assert not tokenizer.legacy
+    again = tokenizer_gguf.read(tokenizer_gguf.fields(tokenizer))
+    reference = sentencepiece.SentencePieceProcessor(model_file=os.path.join(FIXTURES, "spm", "tokenizer.model"))
+    text = "<s>[INST] Hi [/INST] Hello </s>"
+    assert again.legacy and again.encode(text) == [1] + reference.encode("[INST] Hi [/INST] Hello ") + [2]
+    assert tokenizer.encode(text)[1] != again.encode(text)[1] == reference.encode(" ")[0]
 
 
 def test_gguf_llama_vocabulary_rebuilds_the_llama2_sentencepiece_model():
@@ -234,3 +249,59 @@ def test_training_data_encodes_with_a_tokenizer_json(tmp_path, kind):
     text = "First Citizen:\n  Speak, speak.\n\n\tAll: 🦙 日本\n" * 50
     data.check_coverage(tokenizer, text)
     assert list(data.token_ids(text, tokenizer, str(tmp_path))) == tokenizer.encode(text)
+
+
+# ---- SentencePiece conventions and what transformers' Llama class does ---------------------------------
+def test_text_after_a_special_token_keeps_every_character():
+    """legacy=False encodes the text after a special token without the dummy prefix, by the same model
+    with add_dummy_prefix off: nothing is merged across the boundary or dropped."""
+    tokenizer, _ = fixture("spm")
+    for text in [">> quoted", ">", "> x", "<un", " two", "a", "日本", "\n", "<<SYS>>"]:
+        ids = tokenizer.encode("</s>" + text)
+        assert ids[0] == 2 and tokenizer.decode(tokenizer.encode("a") + ids[1:]) == "a" + text, text  # read mid-text
+
+
+def test_unk_text_is_the_unknown_id_and_special_false_reads_specials_as_text():
+    tokenizer, _ = fixture("spm")
+    assert tokenizer.encode("<unk>a")[0] == tokenizer.unk_id == 0
+    plain = tokenizer.encode("use <s>struck</s> text", special=False)
+    assert 1 not in plain and 2 not in plain and tokenizer.decode(plain) == "use <s>struck</s> text"
+    llama3, _ = fixture("llama3")
+    assert 5 not in llama3.encode("a<|eot_id|>b", special=False)
+    assert llama3.decode(llama3.encode("a<|eot_id|>b", special=False)) == "a<|eot_id|>b"
+    assert llama3.encode("a<|eot_id|>b") == llama3.encode("a") + [5] + llama3.encode("b")
+
+
+def test_a_legacy_layout_llama_tokenizer_json_runs_as_transformers_llama_class(tmp_path):
+    """transformers 5's LlamaTokenizer keeps only the BPE of a tokenizer.json and pre-tokenizes with its
+    own Metaspace (no '▁' after a special token unless legacy): a file laid out the older way (a
+    normalizer prepending '▁', as TinyLlama's) must give the same ids as the fixture transformers wrote."""
+    source = os.path.join(FIXTURES, "spm_json")
+    document = json.load(open(os.path.join(source, "tokenizer.json"), encoding="utf-8"))
+    document["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    document["pre_tokenizer"] = None
+    json.dump(document, open(tmp_path / "tokenizer.json", "w", encoding="utf-8"), ensure_ascii=False)
+    (tmp_path / "tokenizer_config.json").write_bytes(open(os.path.join(source, "tokenizer_config.json"), "rb").read())
+    tokenizer = directory_tokenizer(str(tmp_path))
+    _, expected = fixture("spm_json")
+    for text, ids in zip(expected["texts"], expected["encode"]):
+        assert tokenizer.encode(text, bos=True) == ids, text
+
+
+def test_special_tokens_map_names_bos_and_eos_when_the_config_does_not(tmp_path):
+    source = os.path.join(FIXTURES, "chatml")
+    (tmp_path / "tokenizer.json").write_bytes(open(os.path.join(source, "tokenizer.json"), "rb").read())
+    config = json.load(open(os.path.join(source, "tokenizer_config.json")))
+    special = {"bos_token": config.pop("bos_token"), "eos_token": {"content": config.pop("eos_token")}}
+    json.dump(config, open(tmp_path / "tokenizer_config.json", "w"))
+    json.dump(special, open(tmp_path / "special_tokens_map.json", "w"))
+    tokenizer = directory_tokenizer(str(tmp_path))
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_ids) == (1, 2, (2,))
+
+
+def test_a_tokenizer_file_given_by_path_brings_its_directorys_conventions():
+    tokenizer = weights.read_tokenizer(os.path.join(FIXTURES, "llama3", "tokenizer.json"),
+                                       **weights.tokenizer_settings(os.path.join(FIXTURES, "llama3")))
+    expected = directory_tokenizer(os.path.join(FIXTURES, "llama3"))
+    assert tokenizer.conventions() == expected.conventions() and tokenizer.eos_id == expected.eos_id

@@ -164,7 +164,7 @@ def eval_command(weights_path, data_path, batch_size, device):
         raise click.ClickException(f"{weights_path} has no tokenizer to read the text with")
     text = data.read_text(data_path)
     data.check_coverage(tokenizer, text, f"the tokenizer of {weights_path}", data_path)
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text, special=False)
     if len(ids) < 2:
         raise click.ClickException(f"{data_path} holds {len(ids)} token(s): nothing to predict")
     mean, count = training.evaluate_ids(model.trainable(params), config, ids, batch_size)

@@ -48,3 +48,21 @@ def _bos_template(text, token_id):
             "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
                      {"SpecialToken": {"id": text, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {text: {"id": text, "ids": [token_id], "tokens": [text]}}}
+
+
+def as_transformers_llama(text, legacy=False, add_prefix_space=True):
+    """A SentencePiece-style tokenizer.json as transformers 5's LlamaTokenizer runs it (the class
+    tokenizer_config.json names for Llama 1/2, TinyLlama, Mistral v0.1): whatever the file's
+    normalizer, pre-tokenizer and decoder, it keeps only the BPE and the added tokens, and writes '▁'
+    for spaces and before the text (`prepend_scheme`: "first", before the first piece only, unless
+    `legacy`, "always", also after each special token; "never" without add_prefix_space), decoding
+    back with byte fallback and one leading space stripped."""
+    document = json.loads(text)
+    scheme = "never" if not add_prefix_space else "always" if legacy else "first"
+    strip = [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if add_prefix_space else []
+    document.update(
+        normalizer=None,
+        pre_tokenizer={"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": False},
+        decoder={"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                                                  {"type": "ByteFallback"}, {"type": "Fuse"}, *strip]})
+    return json.dumps(document, ensure_ascii=False)

@@ -76,23 +76,32 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # the first one present
 
 
 def directory_tokenizer(directory):
-    """The tokenizer of an HF or Meta directory with the model's conventions (tokenizer_config.json,
-    chat_template.jinja, generation_config.json, config.json), or None, with a warning, when the
-    directory has none that npllama can read."""
+    """The tokenizer of an HF or Meta directory with the model's conventions (tokenizer_settings), or
+    None, with a warning, when the directory has none that npllama can read."""
     present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, name))]
     if not present:
         warnings.warn(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model): give token ids, "
                       "or pass --tokenizer", TokenizerWarning)
         return None
+    return read_tokenizer(os.path.join(directory, present[0]), **tokenizer_settings(directory))
+
+
+def tokenizer_settings(directory):
+    """What transformers reads beside a tokenizer file, as tokenizer.load's settings: tokenizer_config.json
+    (add_bos_token, bos_token, eos_token, tokenizer_class, legacy, add_prefix_space, chat_template; the
+    tokens also from special_tokens_map.json), the chat template's own files, and the stop ids
+    (generation_config.json's eos_token_id, else config.json's)."""
     config = _json_file(directory, "tokenizer_config.json")
+    special = _json_file(directory, "special_tokens_map.json")
     settings = {"add_bos": config.get("add_bos_token"),
-                "bos_token": _token_text(config.get("bos_token")),
-                "eos_token": _token_text(config.get("eos_token")),
-                "chat_template": _chat_template(directory, config.get("chat_template"))}
-    settings["eos_ids"] = _ids(_json_file(directory, "generation_config.json").get("eos_token_id")) or \
-        _ids(_json_file(directory, "config.json").get("eos_token_id")) or None
-    return read_tokenizer(os.path.join(directory, present[0]),
-                          **{name: value for name, value in settings.items() if value is not None})
+                "bos_token": _token_text(config.get("bos_token") or special.get("bos_token")),
+                "eos_token": _token_text(config.get("eos_token") or special.get("eos_token")),
+                "chat_template": _chat_template(directory, config.get("chat_template")),
+                "tokenizer_class": config.get("tokenizer_class"),
+                "legacy": config.get("legacy"), "add_prefix_space": config.get("add_prefix_space"),
+                "eos_ids": _ids(_json_file(directory, "generation_config.json").get("eos_token_id"))
+                or _ids(_json_file(directory, "config.json").get("eos_token_id")) or None}
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 class TokenizerWarning(UserWarning):

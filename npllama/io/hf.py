@@ -82,7 +82,7 @@ def _tokenizer_files(tokenizer):
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": _one_or_list(tokenizer.eos_ids)}
     if tokenizer.kind == "sentencepiece":
         model = {"tokenizer.model": tokenizer.model_bytes}
-        config.update(tokenizer_class="LlamaTokenizer", legacy=False, unk_token=text(tokenizer.unk_id))
+        config.update(tokenizer_class="LlamaTokenizer", legacy=tokenizer.legacy, unk_token=text(tokenizer.unk_id))
     else:
         model = {"tokenizer.json": tokenizer.json.encode("utf-8")}
         config["tokenizer_class"] = "PreTrainedTokenizerFast"

@@ -29,12 +29,13 @@ import base64
 import binascii
 import json
 import os
+import re
 
 import sentencepiece
 import tokenizers
 
 from ..errors import TokenizerError
-from . import chat_template as chat_templates, tiktoken_ranks
+from . import bpe_json, chat_template as chat_templates, sentencepiece_proto, tiktoken_ranks
 
 REPLACEMENT_CHARACTER = "\ufffd"  # what sentencepiece prints for a byte that forms no character
 
@@ -100,8 +101,9 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model, e.g. Llama 1/2's 32000 pieces, built from the model file's bytes."""
     kind = "sentencepiece"
 
-    def __init__(self, model_bytes, source="the data", **conventions):
+    def __init__(self, model_bytes, source="the data", legacy=True, **conventions):
         self.model_bytes = bytes(model_bytes)
+        self.legacy = bool(legacy)
         if not self.model_bytes:
             raise TokenizerError(f"{source} is not a SentencePiece model: it is empty")
         try:
@@ -114,8 +116,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         self.unk_id = self._sp.unk_id() if self._sp.unk_id() >= 0 else None
         self._anchor_id, self._anchor_text = self._find_anchor()
-        self._control_ids = {self._sp.id_to_piece(i): i for i in range(self.vocab_size)
-                             if self._sp.is_control(i) and self._sp.id_to_piece(i)}
+        self._specials = _special_pattern({self._sp.id_to_piece(i): i for i in range(self.vocab_size)
+                                           if self._sp.is_control(i) or self._sp.is_unknown(i)})
+        self._mid_text_sp = None  # made when first needed: the model without the dummy prefix
         self._set_conventions(**conventions)
 
     @classmethod
@@ -133,22 +136,28 @@ class SentencePieceTokenizer(Tokenizer):
             return set()
         return {c for c in set(text) if self.unk_id in self._sp.encode(c)}  # normalization may map it
 
-    def encode(self, text, bos=False, eos=False):
-        """sentencepiece's ids, but a control piece's text ('<s>', '</s>', as chat templates write
-        them) is its id; as in HF's Llama tokenizer, the text after one gets no dummy-prefix space."""
+    def conventions(self):
+        return {**super().conventions(), "legacy": self.legacy}
+
+    def encode(self, text, bos=False, eos=False, special=True):
+        """sentencepiece's ids. With `special`, the text of a control piece ('<s>', '</s>', as chat
+        templates write them) or of '<unk>' is that piece's id, and the text after it is encoded as
+        `legacy` says: as a text of its own, with the dummy-prefix '▁' (sentencepiece's, Meta's and
+        llama.cpp's way, HF's legacy=True), or as the continuation it is (HF's legacy=False)."""
+        pieces = _split_on(text, self._specials) if special else [(None, text)]
         ids = []
-        for index, (special, segment) in enumerate(_split_on(text, self._control_ids)):
-            ids += [special] * (special is not None)
+        for index, (special_id, segment) in enumerate(pieces):
+            ids += [special_id] * (special_id is not None)
             if segment:
-                ids += self._sp.encode(segment) if index == 0 else self._encode_mid_text(segment)
+                ids += self._sp.encode(segment) if index == 0 or self.legacy else self._mid_text(segment)
         return _add_specials(self, ids, bos, eos)
 
-    def _encode_mid_text(self, text):
-        """text's ids as if it followed other text: without the '▁' that begins a text. As HF's Llama
-        tokenizer does it: encode a prefix ('<unk>' written out, whose last piece '>' joins nothing)
-        before the text, and drop the prefix's pieces."""
-        prefix = self._sp.id_to_piece(self.unk_id) if self.unk_id is not None else self._anchor_text
-        return self._sp.encode(prefix + text)[len(self._sp.encode(prefix)):]
+    def _mid_text(self, text):
+        """text's ids without the '▁' that begins a text: the same model, with add_dummy_prefix off."""
+        if self._mid_text_sp is None:
+            self._mid_text_sp = sentencepiece.SentencePieceProcessor(
+                model_proto=sentencepiece_proto.without_dummy_prefix(self.model_bytes))
+        return self._mid_text_sp.encode(text)
 
     def decode(self, ids):
         return self._sp.decode(_check_ids(ids, self.vocab_size))
@@ -270,7 +279,7 @@ class CharTokenizer(Tokenizer):
     def describe(self):
         return f"characters, {self.vocab_size} symbols"
 
-    def encode(self, text, bos=False, eos=False):
+    def encode(self, text, bos=False, eos=False, special=True):
         try:
             ids = [self._ids[c] for c in text]
         except KeyError as error:
@@ -355,8 +364,14 @@ class HFTokenizer(Tokenizer):
         unknown = self._tokenizer.token_to_id(unknown)
         return {c for c in set(text) if unknown in self.encode(c)}
 
-    def encode(self, text, bos=False, eos=False):
-        return _add_specials(self, self._tokenizer.encode(text, add_special_tokens=False).ids, bos, eos)
+    def encode(self, text, bos=False, eos=False, special=True):
+        """The ids of the text; with `special`, an added token's text in it is that token's id."""
+        self._tokenizer.encode_special_tokens = not special  # the library's switch: specials as plain text
+        try:
+            ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tokenizer.encode_special_tokens = False
+        return _add_specials(self, ids, bos, eos)
 
     def decode(self, ids):
         """The text of the ids; special tokens (BOS, <|eot_id|>, ...) print nothing, as control pieces
@@ -391,17 +406,24 @@ def _parse_tokenizer_json(text, source):
     """(tokenizers.Tokenizer, byte_level) of a tokenizer.json; only BPE models are taken."""
     try:
         data = json.loads(text)
-        kind = data["model"].get("type")
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise TokenizerError(f"{source} is not a tokenizer.json (HF tokenizers' JSON)") from None
-    if kind != "BPE":
-        raise TokenizerError(f"{source}: a {kind} tokenizer.json is not supported (npllama reads BPE "
-                             "tokenizers: byte-level as Llama 3's, or SentencePiece-style as TinyLlama's)")
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise TokenizerError(f"{source} is not a tokenizer.json (HF tokenizers' JSON)")
     try:
         tokenizer = tokenizers.Tokenizer.from_str(text)
     except Exception as error:  # the library raises bare Exceptions for malformed files
         raise TokenizerError(f"{source}: the tokenizers library cannot read it: {_first_line(error)}") from None
-    return tokenizer, "ByteLevel" in json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
+    kind = type(tokenizer.model).__name__  # (older files leave the model's "type" out)
+    if kind != "BPE":
+        raise TokenizerError(f"{source}: a {kind} tokenizer.json is not supported (npllama reads BPE "
+                             "tokenizers: byte-level as Llama 3's, or SentencePiece-style as TinyLlama's)")
+    return tokenizer, _is_byte_level(data)
+
+
+def _is_byte_level(document):
+    """Whether a tokenizer.json spells bytes as characters (GPT-2's ByteLevel) rather than '▁' and <0xNN>."""
+    return "ByteLevel" in json.dumps([document.get("pre_tokenizer"), document.get("decoder")])
 
 
 class _WindowStream:
@@ -437,17 +459,25 @@ class _WindowStream:
         return rest
 
 
+def _special_pattern(specials):
+    """(compiled alternation of the special texts, longest first; text -> id), or None for none."""
+    if not specials:
+        return None
+    alternatives = sorted(specials, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, alternatives))), specials
+
+
 def _split_on(text, specials):
     """[(None, text before the first special), (special id, the text after it up to the next), ...]:
-    the leftmost, then longest, special text wins."""
+    the leftmost special text wins, and of those starting there the longest."""
+    if specials is None:
+        return [(None, text)]
+    pattern, ids = specials
     pieces, special, position = [], None, 0
-    while True:
-        found = [(text.find(s, position), -len(s), s) for s in specials if s in text[position:]]
-        if not found:
-            return pieces + [(special, text[position:])]
-        at, _, token = min(found)
-        pieces.append((special, text[position:at]))
-        special, position = specials[token], at + len(token)
+    for match in pattern.finditer(text):
+        pieces.append((special, text[position:match.start()]))
+        special, position = ids[match.group()], match.end()
+    return pieces + [(special, text[position:])]
 
 
 def _read_bytes(path):
@@ -489,6 +519,7 @@ def from_metadata(text):
         return CharTokenizer(data["chars"])
     conventions = {name: data[name] for name in CONVENTIONS if data.get(name) is not None}
     if kind == "sentencepiece" and isinstance(data.get("model"), str):
+        conventions["legacy"] = data.get("legacy", True)
         try:
             model_bytes = base64.b64decode(data["model"], validate=True)
         except binascii.Error as error:
@@ -501,18 +532,37 @@ def from_metadata(text):
                          '{"type": "sentencepiece", "model": ...} or {"type": "tokenizers", "json": ...}')
 
 
-def load(path, **settings):
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")  # transformers' class for SentencePiece Llamas
+
+
+def load(path, tokenizer_class=None, legacy=None, add_prefix_space=True, **settings):
     """A tokenizer from its file: an HF tokenizer.json, a SentencePiece .model, or Meta's Llama 3
     tokenizer.model (a tiktoken rank file, turned into the equivalent tokenizer.json BPE). settings:
-    the conventions (add_bos, eos_ids, chat_template) and, for tokenizer.json, bos_token/eos_token."""
+    the conventions (add_bos, eos_ids, chat_template) and, for tokenizer.json, bos_token/eos_token.
+    tokenizer_class, legacy and add_prefix_space are tokenizer_config.json's: a SentencePiece-style
+    tokenizer.json of transformers' Llama class is run as that class runs it (bpe_json.as_transformers_llama),
+    legacy (default: sentencepiece's own way, except for that class in transformers 5) as
+    SentencePieceTokenizer takes it."""
     path = os.fspath(path)
     data = _read_bytes(path)
+    llama_class = tokenizer_class in LLAMA_CLASSES
     if path.endswith(".json") or data.lstrip()[:1] == b"{":
-        return HFTokenizer(data.decode("utf-8", "replace"), source=str(path), **settings)
+        text = data.decode("utf-8", "replace")
+        if llama_class and not _is_byte_level_json(text):
+            text = bpe_json.as_transformers_llama(text, bool(legacy), add_prefix_space)
+        return HFTokenizer(text, source=str(path), **settings)
     if tiktoken_ranks.is_rank_file(data):
         return _llama3_tokenizer(data, path, settings)
     settings = {name: value for name, value in settings.items() if name in CONVENTIONS}
-    return SentencePieceTokenizer(data, source=str(path), **settings)
+    legacy = (not llama_class) if legacy is None else legacy
+    return SentencePieceTokenizer(data, source=str(path), legacy=legacy, **settings)
+
+
+def _is_byte_level_json(text):
+    try:
+        return _is_byte_level(json.loads(text))
+    except (ValueError, AttributeError):
+        return False  # HFTokenizer says what is wrong with it
 
 
 def _llama3_tokenizer(data, path, settings):

@@ -16,11 +16,10 @@ way. Values are plain Python (str, int, float, bool, lists of them); io/gguf_fil
 out of the file.
 """
 import json
-import struct
 
 import tokenizers
 
-from . import bpe_json
+from . import bpe_json, sentencepiece_proto as proto
 from .tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, TokenizerError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF's and SentencePiece's numbering
@@ -82,30 +81,30 @@ def _sentencepiece_model(metadata):
                              f"{len(types)} token types")
     special = {name: metadata.get(PREFIX + f"{key}_token_id") for name, key in
                (("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
-    trainer = _field(3, 2) + _field(4, len(tokens)) + _field(35, BYTE in types)  # model_type BPE, byte_fallback
+    trainer = proto.field(3, 2) + proto.field(4, len(tokens)) + proto.field(35, BYTE in types)  # BPE, byte fallback
     for number, (name, token_id) in enumerate(special.items()):
         valid = token_id is not None and 0 <= token_id < len(tokens)
-        trainer += _field(40 + number, token_id if valid else -1)
+        trainer += proto.field(40 + number, token_id if valid else -1)  # unk_id, bos_id, eos_id, pad_id
         if valid:
-            trainer += _field(45 + number, tokens[token_id])  # the piece sentencepiece looks the id up by
-    normalizer = (_field(1, "identity") + _field(3, metadata.get(PREFIX + "add_space_prefix", True))
-                  + _field(4, metadata.get(PREFIX + "remove_extra_whitespaces", False)) + _field(5, True))
-    pieces = b"".join(_field(1, _field(1, token) + _field(2, float(score)) + _field(3, int(kind)))
+            trainer += proto.field(45 + number, tokens[token_id])  # the piece sentencepiece finds the id by
+    normalizer = (proto.field(1, "identity")
+                  + proto.field(proto.ADD_DUMMY_PREFIX, metadata.get(PREFIX + "add_space_prefix", True))
+                  + proto.field(proto.REMOVE_EXTRA_WHITESPACES,
+                                metadata.get(PREFIX + "remove_extra_whitespaces", False))
+                  + proto.field(5, True))  # escape_whitespaces: ' ' -> '▁'
+    pieces = b"".join(proto.field(proto.PIECES, proto.field(1, token) + proto.field(2, float(score))
+                                  + proto.field(3, int(kind)))
                       for token, score, kind in zip(tokens, scores, types))
-    return pieces + _field(2, trainer) + _field(3, normalizer)
+    return pieces + proto.field(proto.TRAINER, trainer) + proto.field(proto.NORMALIZER, normalizer)
 
 
 def _sentencepiece_fields(tokenizer):
-    proto = _parse(tokenizer.model_bytes)
-    pieces = [_parse(piece) for piece in proto.get(1, [])]
-    normalizer = _parse(proto[3][0]) if 3 in proto else {}
-    return {"model": "llama",
-            "tokens": [piece[1][0].decode("utf-8") for piece in pieces],
-            "scores": [struct.unpack("<f", piece[2][0])[0] if 2 in piece else 0.0 for piece in pieces],
-            "token_type": [piece[3][0] if 3 in piece else NORMAL for piece in pieces],
-            "unknown_token_id": tokenizer.unk_id,
-            "add_space_prefix": bool(normalizer.get(3, [1])[0]),
-            "remove_extra_whitespaces": bool(normalizer.get(4, [1])[0])}
+    table = proto.pieces(tokenizer.model_bytes)
+    add_dummy_prefix, remove_extra_whitespaces = proto.normalizer_flags(tokenizer.model_bytes)
+    return {"model": "llama", "tokens": [piece for piece, _, _ in table],
+            "scores": [score for _, score, _ in table], "token_type": [kind for _, _, kind in table],
+            "unknown_token_id": tokenizer.unk_id, "add_space_prefix": add_dummy_prefix,
+            "remove_extra_whitespaces": remove_extra_whitespaces}
 
 
 def _spm_style_fields(tokenizer):
@@ -192,54 +191,3 @@ def _tokens_by_id(tokenizer):
     if sorted(by_id) != list(range(len(by_id))):
         raise TokenizerError("the tokenizer's ids are not 0..N-1 without gaps: GGUF cannot number them")
     return [by_id[i] for i in range(len(by_id))]
-
-
-# ---- the protobuf wire format, as much as a SentencePiece model needs -------------------------------
-def _field(number, value):
-    """One protobuf field: bool/int as a varint, float as fixed32, str/bytes length-delimited."""
-    if isinstance(value, float):
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    if isinstance(value, (str, bytes)):
-        data = value.encode("utf-8") if isinstance(value, str) else value
-        return _varint(number << 3 | 2) + _varint(len(data)) + data
-    return _varint(number << 3) + _varint(int(value) & (2 ** 64 - 1))  # negative ints: two's complement
-
-
-def _varint(value):
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _parse(data):
-    """field number -> [values] of one message: varints as ints, fixed32 as 4 bytes, the rest as bytes."""
-    fields, position = {}, 0
-    while position < len(data):
-        key, position = _read_varint(data, position)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, position = _read_varint(data, position)
-        elif wire == 5:
-            value, position = data[position:position + 4], position + 4
-        elif wire == 1:
-            value, position = data[position:position + 8], position + 8
-        elif wire == 2:
-            length, position = _read_varint(data, position)
-            value, position = data[position:position + length], position + length
-        else:
-            raise TokenizerError(f"the SentencePiece model is not a protobuf message (wire type {wire})")
-        fields.setdefault(number, []).append(value)
-    return fields
-
-
-def _read_varint(data, position):
-    value = shift = 0
-    while True:
-        byte = data[position]
-        value |= (byte & 0x7F) << shift
-        position, shift = position + 1, shift + 7
-        if not byte & 0x80:
-            return value, position

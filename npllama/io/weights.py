@@ -37,7 +37,7 @@ from ..adapters import TARGETS as LORA_TARGETS, Adapted, adapter_names
 from ..config import human_count, parameter_shapes
 from . import gguf_file, hf, llama2c, meta, safetensors_file, tokenizer as tokenizers
 from .common import (LazyTensors, WeightsError, config_from_json, host_tensors,  # noqa: F401 (re-exported)
-                     read_safetensors, read_tokenizer)
+                     read_safetensors, read_tokenizer, tokenizer_settings)
 
 FORMAT_VERSION = "1"
 CONFIG_KEY, TOKENIZER_KEY, VERSION_KEY = "npllama.config", "npllama.tokenizer", "npllama.version"
@@ -61,8 +61,8 @@ def load(path, tokenizer_path=None):
     Tensors keep their stored dtype and are memory-mapped where the source allows."""
     kind = detect(path)
     config, params, tokenizer = IMPORTERS[kind](path)
-    if tokenizer_path is not None:
-        tokenizer = read_tokenizer(tokenizer_path)
+    if tokenizer_path is not None:  # with the conventions its directory gives (an HF directory's files)
+        tokenizer = read_tokenizer(tokenizer_path, **tokenizer_settings(os.path.dirname(os.path.abspath(tokenizer_path))))
     _check(path, config, params, tokenizer)
     return config, params, tokenizer
 
