@@ -30,7 +30,7 @@ class ChatSession:
                             "tokenizer that has one")
         self.tokenizer = tokenizer
         self.context = min(context or DEFAULT_CONTEXT, config.max_position_embeddings)
-        self.sampler = Sampler(temperature, top_k, top_p, seed)
+        self.sampler = Sampler(temperature, top_k, top_p, seed, vocab_limit=tokenizer.vocab_size)
         self.decoder = generation.Decoder(params, config, self.context, dtype)
         self.system = system
         self.reset()
@@ -43,10 +43,15 @@ class ChatSession:
     def reply(self, text, max_new_tokens=512):
         """(pieces, stats): an iterator over the reply's text as it is produced, and its GenerationStats.
         The user's message and the reply (as far as it got, should the caller stop early) are added
-        to the conversation when the iterator ends."""
+        to the conversation when the iterator ends; stopped before the prompt was run, neither is."""
         messages = self.messages + [{"role": "user", "content": text}]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         if len(ids) > self.context:
+            fresh = len(self.tokenizer.apply_chat_template(messages[-1:] if not self.system else
+                                                           [self.messages[0], messages[-1]]))
+            if fresh > self.context:
+                raise ChatError(f"the message makes a prompt of {fresh} tokens, more than the context of "
+                                f"{self.context} tokens (--context)")
             raise ChatError(f"the conversation ({len(ids)} tokens) no longer fits the context of "
                             f"{self.context} tokens: /reset to start a new one")
         stats = GenerationStats(prompt_tokens=len(ids))
@@ -54,10 +59,10 @@ class ChatSession:
 
     def _pieces(self, messages, ids, max_new_tokens, stats):
         reply, text = [], self.tokenizer.stream_decoder()
+        started = time.perf_counter()
+        logits, stats.cached_tokens = self._prefill(ids)  # stopped here, the turn is not had at all
+        stats.prefill_seconds = time.perf_counter() - started
         try:
-            started = time.perf_counter()
-            logits, stats.cached_tokens = self._prefill(ids)
-            stats.prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
             while stats.new_tokens < max_new_tokens:
                 token = self.sampler(logits)

@@ -106,10 +106,11 @@ def _rate(tokens, seconds):
 
 
 def stream(params, config, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-           seed=None, eos_ids=(), dtype=None):
+           seed=None, eos_ids=(), dtype=None, vocab_limit=None):
     """(tokens, stats): an iterator over the new token ids, produced one at a time, and the
     GenerationStats it fills in. Stops after max_new_tokens, after any of eos_ids (an id or ids;
-    included), or when the model's context is full. Arguments are checked here, before the first token."""
+    included), or when the model's context is full. Ids from vocab_limit on (embedding rows past the
+    tokenizer's last id) are never sampled. Arguments are checked here, before the first token."""
     prompt = [int(t) for t in prompt_ids]
     context = config.max_position_embeddings
     if not prompt:
@@ -120,7 +121,7 @@ def stream(params, config, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
         raise GenerationError(f"prompt token ids must lie in [0, {config.vocab_size})")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    sampler = Sampler(temperature, top_k, top_p, seed)
+    sampler = Sampler(temperature, top_k, top_p, seed, vocab_limit)
     stats = GenerationStats(prompt_tokens=len(prompt))
     # The last new token is never fed back, so the cache needs one position fewer than the total.
     max_len = max(len(prompt), min(context, len(prompt) + max_new_tokens - 1))
@@ -155,8 +156,8 @@ def _tokens(decoder, sampler, prompt, max_new_tokens, stops, context, stats):
 
 
 def generate(params, config, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-             seed=None, eos_ids=(), dtype=None):
+             seed=None, eos_ids=(), dtype=None, vocab_limit=None):
     """The new token ids (a list) after prompt_ids; greedy when temperature == 0. See stream()."""
     tokens, _ = stream(params, config, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
-                       eos_ids, dtype)
+                       eos_ids, dtype, vocab_limit)
     return list(tokens)

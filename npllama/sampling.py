@@ -18,7 +18,7 @@ class GenerationError(UserError):
 class Sampler:
     """Picks the next token from logits: argmax when temperature == 0, else a seeded draw."""
 
-    def __init__(self, temperature=0.0, top_k=None, top_p=None, seed=None):
+    def __init__(self, temperature=0.0, top_k=None, top_p=None, seed=None, vocab_limit=None):
         if not temperature >= 0:
             raise GenerationError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
@@ -26,10 +26,11 @@ class Sampler:
         if top_p is not None and not 0 < top_p <= 1:
             raise GenerationError(f"top-p must lie in (0, 1], got {top_p}")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.vocab_limit = vocab_limit  # ids from here on are never picked (rows past the tokenizer's)
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, logits):
-        logits = np.asarray(backend.to_host(logits), dtype=np.float64)
+        logits = np.asarray(backend.to_host(logits), dtype=np.float64)[:self.vocab_limit]
         if self.temperature == 0:
             return int(np.argmax(logits))
         probs = self.probabilities(logits)

@@ -66,7 +66,7 @@ def test_an_unsafe_attribute_renders_as_nothing(template):
 def test_invalid_jinja_and_bad_messages_are_clear_errors():
     with pytest.raises(chat_template.ChatTemplateError, match="not valid Jinja"):
         chat_template.render("{% for %}", HELLO)
-    with pytest.raises(chat_template.ChatTemplateError, match="a dict with 'role' and 'content'"):
+    with pytest.raises(chat_template.ChatTemplateError, match="a chat message is a dict with a 'role'"):
         chat_template.render("x", [{"content": "no role"}])
 
 
@@ -109,10 +109,33 @@ def test_a_kept_cache_gives_the_tokens_of_generating_from_scratch(kind):
     ids = tokenizer.apply_chat_template(conversation)
     new = generation.generate(params, config, ids, 6, eos_ids=tokenizer.eos_ids)
     assert second == tokenizer.decode([t for t in new if t not in tokenizer.eos_ids])
-    shared = common_prefix(ids, fed)
-    assert shared >= len(first_prompt)   # at least the first turn was kept ...
-    assert ran[0] == len(ids) - shared   # ... and only the rest was run
+    shared = common_prefix(ids, fed)  # (a random model's reply need not come back as the same tokens)
+    assert shared >= len(first_prompt)  # at least the first turn's prompt was kept ...
+    assert ran[0] == len(ids) - shared  # ... and only the rest was run
     assert (stats.prompt_tokens, stats.cached_tokens, stats.new_tokens) == (len(ids), shared, len(new))
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama3", "spm"])
+def test_a_reply_the_template_writes_back_alike_is_not_run_again(kind):
+    """When the reply comes back in the next render as the tokens it was generated as (a real model's
+    usually do), the second turn runs only the ids after it: the end of turn and the new message."""
+    config, params, tokenizer = chat_model(kind)
+    first = tokenizer.apply_chat_template(HELLO)
+    later = HELLO + [{"role": "assistant", "content": "Hello there, friend."}, {"role": "user", "content": "More"}]
+    full = tokenizer.apply_chat_template(later)
+    assert full[:len(first)] == first
+    end = next(i for i in range(len(first), len(full)) if full[i] in tokenizer.eos_ids)
+    script = iter(full[len(first):end + 1])  # the reply as the template writes it, then its end of turn
+    session = ChatSession(params, config, tokenizer)
+    session.sampler = lambda logits: next(script)
+    assert "".join(session.reply("Hello", 20)[0]).strip() == "Hello there, friend."  # (Llama 2 pads it)
+    ran = []
+    advance = session.decoder.advance
+    session.decoder.advance = lambda ids: ran.append(len(ids)) or advance(ids)
+    session.sampler = lambda logits: tokenizer.eos_ids[0]
+    pieces, stats = session.reply("More", 20)
+    "".join(pieces)
+    assert ran == [len(full) - end] and stats.cached_tokens == end
 
 
 def test_chat_function_replies_to_a_conversation():
@@ -290,3 +313,48 @@ def test_a_llama32_shaped_model_imports_generates_and_chats(tmp_path):
     new = generation.generate(params, config, tokenizer.apply_chat_template(conversation), 4,
                               eos_ids=tokenizer.eos_ids)
     assert chatted.stdout.startswith(tokenizer.decode(new) + "\n")
+
+
+def test_generation_blocks_and_messages_without_content_render_as_in_transformers():
+    template = ("{% for m in messages %}{{ m['role'] }}:{% if m.content %}{{ m.content }}{% endif %}"
+                "{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% endif %}"
+                "{% if m.role == 'assistant' %}{% generation %}!{% endgeneration %}{% endif %}{{ '\n' }}{% endfor %}")
+    messages = HELLO + [{"role": "assistant", "tool_calls": [{"name": "f"}]}]
+    assert chat_template.render(template, messages, False) == 'user:Hello\nassistant:[{"name": "f"}]!\n'
+
+
+def test_a_template_error_is_said_once():
+    with pytest.raises(chat_template.ChatTemplateError) as error:
+        chat_template.render("{% for %}", HELLO)
+    assert str(error.value).count("chat template") == 1
+
+
+def test_a_prompt_that_is_not_text_is_one_clear_line(chat_file):
+    assert_one_clear_line(cli("generate", "--weights", chat_file, "--prompt", "ab\udcffc"),
+                          "the text is not valid UTF-8: '\\udcff' at offset 2")
+
+
+def test_piped_chat_stops_at_a_message_it_cannot_answer(chat_file):
+    result = cli("chat", "--weights", chat_file, "--context", "60", "-n", "2",
+                 input="Hello\n" + "word " * 40 + "\nnever answered\n")
+    assert result.exit_code == 1 and result.stdout.count("\n") == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: the message makes a prompt of ")
+
+
+def test_stopped_while_its_prompt_runs_a_turn_is_not_had():
+    config, params, tokenizer = chat_model()
+    session = ChatSession(params, config, tokenizer)
+    advance = session.decoder.advance
+
+    def interrupted(ids):
+        raise KeyboardInterrupt
+    session.decoder.advance = interrupted
+    pieces, _ = session.reply("Hello", 4)
+    with pytest.raises(KeyboardInterrupt):
+        next(pieces)
+    assert session.messages == [] and session.cached == []
+    session.decoder.advance = advance
+    pieces, _ = session.reply("Hello", 4)
+    reply = "".join(pieces)
+    new = generation.generate(params, config, tokenizer.apply_chat_template(HELLO), 4, eos_ids=tokenizer.eos_ids)
+    assert reply == tokenizer.decode([t for t in new if t not in tokenizer.eos_ids])

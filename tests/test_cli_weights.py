@@ -317,9 +317,25 @@ def test_missing_tensor(tmp_path, model_file):
     load_weights_fails(tmp_path, tmp_path / "m.safetensors", "missing tensor model.norm.weight")
 
 
-def test_tokenizer_size_not_matching_the_vocabulary(tmp_path):
-    load_weights_fails(tmp_path, STORIES260K, "the tokenizer has 384 tokens but the model's vocab_size is 512",
-                       "--tokenizer", TOKENIZER)
+def test_tokenizer_larger_than_the_vocabulary(tmp_path):
+    load_weights_fails(tmp_path, STORIES260K, "the tokenizer has 32000 tokens but the model's vocab_size is 512",
+                       "--tokenizer", os.path.join(ROOT, "..", "shared", "data", "llama2-tokenizer.model"))
+
+
+def test_tokenizer_smaller_than_the_vocabulary_is_said_and_its_ids_only_are_sampled(tmp_path):
+    """Padded embeddings (or the wrong tokenizer): one warning line; generation picks only ids with text."""
+    out = tmp_path / "padded.safetensors"
+    result = ok(cli("load-weights", STORIES260K, "--tokenizer", TOKENIZER, "--out", out))
+    assert result.stderr.strip().splitlines() == [
+        f"Warning: {STORIES260K}: the tokenizer has 384 tokens, the model 512 rows: ids from 384 on have no "
+        "text (padding, or the wrong tokenizer)"]
+    config, params, tokenizer = weights.load(str(out))
+    free = generate(params, config, [1], 30)
+    assert max(free) >= 384  # the premise: unconstrained, the model picks ids past the tokenizer's
+    limited = generate(params, config, [1], 30, vocab_limit=384)
+    assert max(limited) < 384
+    generated = ok(cli("generate", "--weights", out, "--prompt", "Once", "-n", "30"))
+    assert generated.stdout.startswith("Once")
 
 
 def test_unrecognised_layout(tmp_path):

@@ -163,3 +163,23 @@ def test_a_sentencepiece_model_is_refused():
     with open(SENTENCEPIECE_MODEL, "rb") as file:
         with pytest.raises(TokenizerError, match="^tokenizer.model: line"):
             tiktoken_ranks.to_tokenizer_json(file.read(), "tokenizer.model")
+
+
+def test_a_meta_llama3_directory_reads_its_rank_file_and_scaled_rope(tmp_path):
+    """Meta's Llama 3.x directories: tokenizer.model is a rank file (read as byte-level BPE, stopping at
+    Llama 3's end-of-turn tokens too), params.json says use_scaled_rope (3.2 also its factor, 32)."""
+    import numpy as np
+    from npllama.io import common, meta
+    (tmp_path / "tokenizer.model").write_bytes(open(RANK_FILE, "rb").read())
+    tokenizer = common.directory_tokenizer(str(tmp_path))
+    base = tokenizer.vocab_size - 256
+    assert tokenizer.bos_id == base and tokenizer.eos_ids == (base + 1, base + 8, base + 9)
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5, "rope_theta": 500000.0,
+              "use_scaled_rope": True, "vocab_size": tokenizer.vocab_size}
+    shards = [{"tok_embeddings.weight": np.zeros((tokenizer.vocab_size, 64), np.float32),
+               "layers.0.feed_forward.w1.weight": np.zeros((128, 64), np.float32)}]
+    assert meta._meta_config("params.json", params, shards).rope_scaling["factor"] == 8.0  # 3.1's
+    config = meta._meta_config("params.json", {**params, "rope_scaling_factor": 32}, shards)
+    assert config.rope_scaling == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert config.tie_word_embeddings and config.vocab_size == tokenizer.vocab_size

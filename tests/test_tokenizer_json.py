@@ -166,7 +166,9 @@ def test_gguf_metadata_round_trip(kind):
     assert fields.get("tokenizer.ggml.pre") == {"llama3": "llama-bpe", "chatml": "gpt-2"}.get(kind)
     again = tokenizer_gguf.read(fields)
     assert (again.bos_id, again.eos_id, again.add_bos) == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos)
-    assert set(again.eos_ids) == set(tokenizer.eos_ids) and again.chat_template == tokenizer.chat_template
+    by_text = {i for i in range(tokenizer.vocab_size) if tokenizer.token_text(i) in tokenizer_gguf.END_OF_GENERATION}
+    assert set(again.eos_ids) == set(tokenizer.eos_ids) | by_text  # llama.cpp stops on those too
+    assert again.chat_template == tokenizer.chat_template
     for text, ids in zip(expected["texts"], expected["encode"]):
         if kind == "spm_json" and text.startswith(" "):
             continue  # as a SentencePiece model it follows sentencepiece on leading spaces (see above)
@@ -202,6 +204,18 @@ def test_gguf_llama_vocabulary_rebuilds_the_llama2_sentencepiece_model():
         assert again.encode(text) == reference.encode(text)
         assert [reference.get_score(i) for i in again.encode(text)] == \
             [fields["tokenizer.ggml.scores"][i] for i in again.encode(text)]
+
+
+def test_gguf_end_of_turn_ids_are_named_by_their_text():
+    """eot_token_id and eom_token_id as llama.cpp knows them: by the token's text, not the stop set's order."""
+    llama3 = load(os.path.join(ROOT, "tests", "fixtures", "tiktoken", "llama3_like.tiktoken"))
+    fields = tokenizer_gguf.fields(llama3)
+    assert llama3.token_text(fields["tokenizer.ggml.eot_token_id"]) == "<|eot_id|>"
+    assert llama3.token_text(fields["tokenizer.ggml.eom_token_id"]) == "<|eom_id|>"
+    tokenizer, _ = fixture("llama3")  # eos <|eot_id|>; <|end_of_text|> and <|eom_id|> stop too
+    fields = tokenizer_gguf.fields(tokenizer)
+    assert "tokenizer.ggml.eot_token_id" not in fields and fields["tokenizer.ggml.eom_token_id"] == 4
+    assert set(tokenizer_gguf.read(fields).eos_ids) == set(tokenizer.eos_ids)
 
 
 def test_gguf_refuses_what_it_cannot_express():

@@ -70,7 +70,8 @@ def generate_command(weights_path, prompt, prompt_ids, as_chat, max_new_tokens, 
         ids = _parse_ids(prompt_ids) if prompt_ids is not None else tokenizer.encode(prompt, bos=tokenizer.add_bos)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else config.to_dict().get("eos_token_id")
     tokens, stats = generation.stream(params, config, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                                      eos_ids=eos_ids, dtype=None if dtype == "auto" else dtype)
+                                      eos_ids=eos_ids, dtype=None if dtype == "auto" else dtype,
+                                      vocab_limit=tokenizer.vocab_size if tokenizer is not None else None)
     if prompt_ids is not None or tokenizer is None:
         _print_ids(ids, tokens)
     else:
@@ -108,7 +109,8 @@ def chat_command(weights_path, system, max_new_tokens, context, temperature, top
     """Talk with a chat model: one message per line on stdin, replies streamed to stdout.
 
     /reset starts the conversation again, /exit (or end of input) ends it; Ctrl-C stops a reply and
-    keeps the conversation. Piped stdin works too (one message per line)."""
+    keeps the conversation. Piped stdin works too: one message per line, one reply per message; a
+    message that cannot be answered (the context is full) ends it with an error."""
     config, params, tokenizer = _load(weights_path, device, tokenizer_path, lora_path)
     session = conversation.ChatSession(params, config, tokenizer, system, context, temperature, top_k, top_p, seed,
                                None if dtype == "auto" else dtype)
@@ -142,6 +144,8 @@ def _reply(session, text, max_new_tokens, interactive):
     try:
         pieces, stats = session.reply(text, max_new_tokens)
     except conversation.ChatError as error:
+        if not interactive:
+            raise  # a script's later messages would answer a conversation that is not the one it wrote
         click.echo(f"Error: {error}", err=True)
         return
     try:

@@ -1,5 +1,6 @@
 """Commands on model files: presets, load-weights, info, export-hf, merge-lora, export-gguf."""
 import os
+import warnings
 
 import click
 
@@ -41,7 +42,9 @@ def load_weights(source, out, tokenizer_path, dtype, force):
         os.makedirs(os.path.dirname(out), exist_ok=True)
     weights.save(out, config, params, tokenizer, dtype=None if dtype == "keep" else dtype)
     click.echo(f"wrote {out}")
-    click.echo(weights.describe(*weights.load(out), path=out))
+    with warnings.catch_warnings():  # anything to say about the file was said reading the source
+        warnings.simplefilter("ignore")
+        click.echo(weights.describe(*weights.load(out), path=out))
 
 
 @click.command()

@@ -4,7 +4,8 @@ A template is part of the model (HF `tokenizer_config.json`'s "chat_template", `
 GGUF's `tokenizer.chat_template`) and is untrusted code from the internet. It is rendered as
 transformers renders it, so that a prompt here is the prompt there, character for character:
     environment   jinja2's ImmutableSandboxedEnvironment (no attribute starting with '_', no mutating
-                  the caller's lists and dicts), trim_blocks and lstrip_blocks, the loopcontrols extension
+                  the caller's lists and dicts), trim_blocks and lstrip_blocks, the loopcontrols
+                  extension, and {% generation %} blocks (kept as they are)
     globals       raise_exception(message) (a template's own error), strftime_now(format), dict(...),
                   namespace(...) refusing '_'-names
     filter        tojson, without HTML escaping and with non-ASCII kept (json.dumps(ensure_ascii=False))
@@ -18,6 +19,7 @@ import json
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 import jinja2.sandbox
 
 from ..errors import UserError
@@ -30,9 +32,10 @@ class ChatTemplateError(UserError):
 def render(template, messages, add_generation_prompt=True, **variables):
     """The conversation as the template writes it. messages: [{"role": ..., "content": ...}, ...]."""
     _check_messages(messages)
+    compiled = _compiled(template)
     try:
-        return _compiled(template).render(messages=[dict(message) for message in messages],
-                                          add_generation_prompt=add_generation_prompt, **variables)
+        return compiled.render(messages=[dict(message) for message in messages],
+                               add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.TemplateError as error:  # raise_exception, syntax, sandbox (SecurityError), undefined
         raise ChatTemplateError(f"the chat template failed: {_first_line(error)}") from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as error:
@@ -41,9 +44,9 @@ def render(template, messages, add_generation_prompt=True, **variables):
 
 
 def _check_messages(messages):
-    for message in messages:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ChatTemplateError(f"a chat message is a dict with 'role' and 'content', got {message!r}")
+    for message in messages:  # (content may be absent: an assistant's tool_calls, for one)
+        if not isinstance(message, dict) or "role" not in message:
+            raise ChatTemplateError(f"a chat message is a dict with a 'role' (and its 'content'), got {message!r}")
 
 
 def _first_line(error):
@@ -101,9 +104,23 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"a namespace attribute may not start with '_': {name!r}")
 
 
+class _Generation(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %}: marks the assistant's part for training masks
+    (transformers' assistant-token tracking); rendering keeps the body as it is."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        line = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(line)
+
+    def _body(self, caller):
+        return caller()
+
+
 def _environment():
     environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                               extensions=[jinja2.ext.loopcontrols])
+                                                               extensions=[_Generation, jinja2.ext.loopcontrols])
     environment.filters["tojson"] = _tojson
     environment.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
                                dict=_Dict(), namespace=_Namespace)

@@ -119,6 +119,8 @@ def _parse(path, data, gguf):
         kind, offset = cursor.unpack("<IQ")
         infos.append((name, dims, gguf.GGMLQuantizationType(kind), offset))
     alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment is {alignment!r}, not a power of two")
     start = -(-cursor.position // alignment) * alignment
     tensors = {}
     for name, dims, kind, offset in infos:

@@ -49,6 +49,16 @@ def _check_ids(ids, vocab_size):
     return ids
 
 
+def _check_text(text):
+    """A text is Unicode characters: a lone surrogate (what Python makes of bytes that are not UTF-8 in
+    command-line arguments and some streams) is not one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise TokenizerError(f"the text is not valid UTF-8: {text[error.start]!r} at offset {error.start} "
+                             "is a byte that forms no character") from None
+
+
 def _add_specials(tokenizer, ids, bos, eos):
     for wanted, name in ((bos, "bos"), (eos, "eos")):
         if wanted and getattr(tokenizer, f"{name}_id") is None:
@@ -144,6 +154,7 @@ class SentencePieceTokenizer(Tokenizer):
         templates write them) or of '<unk>' is that piece's id, and the text after it is encoded as
         `legacy` says: as a text of its own, with the dummy-prefix '▁' (sentencepiece's, Meta's and
         llama.cpp's way, HF's legacy=True), or as the continuation it is (HF's legacy=False)."""
+        _check_text(text)
         pieces = _split_on(text, self._specials) if special else [(None, text)]
         ids = []
         for index, (special_id, segment) in enumerate(pieces):
@@ -366,6 +377,7 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text, bos=False, eos=False, special=True):
         """The ids of the text; with `special`, an added token's text in it is that token's id."""
+        _check_text(text)
         self._tokenizer.encode_special_tokens = not special  # the library's switch: specials as plain text
         try:
             ids = self._tokenizer.encode(text, add_special_tokens=False).ids

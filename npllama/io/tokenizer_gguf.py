@@ -25,8 +25,13 @@ from .tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, Token
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF's and SentencePiece's numbering
 PREFIX = "tokenizer.ggml."
 STOP_KEYS = ("eot_token_id", "eom_token_id")  # end-of-turn ids llama.cpp stops on besides EOS
+# llama.cpp (llama-vocab.cpp) also stops on tokens it knows by their text, and takes the first of the
+# end-of-turn ones as eot_token_id when the file names none
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>")
+END_OF_MESSAGE = "<|eom_id|>"
+END_OF_GENERATION = END_OF_TURN + (END_OF_MESSAGE, "<|end_of_text|>")
 
-# llama.cpp's other names for the pre-tokenizers npllama writes (bpe_json.bpe_json.PRE_TOKENIZERS)
+# llama.cpp's other names for the pre-tokenizers npllama writes (bpe_json.PRE_TOKENIZERS)
 PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "phi-2": "gpt-2", "starcoder": "smollm",
                "refact": "smollm", "codeshell": "smollm"}
 # A text on which the pre-tokenizers above all split differently (as convert_hf_to_gguf tells them apart)
@@ -38,8 +43,9 @@ def read(metadata):
     model = metadata.get(PREFIX + "model")
     if model is None:
         return None
-    conventions = {"chat_template": metadata.get("tokenizer.chat_template"),
-                   "eos_ids": [metadata[PREFIX + key] for key in STOP_KEYS if PREFIX + key in metadata]}
+    named = [metadata[PREFIX + key] for key in STOP_KEYS if PREFIX + key in metadata]
+    by_text = [i for i, token in enumerate(metadata.get(PREFIX + "tokens", ())) if token in END_OF_GENERATION]
+    conventions = {"chat_template": metadata.get("tokenizer.chat_template"), "eos_ids": named + by_text}
     if PREFIX + "add_bos_token" in metadata:
         conventions["add_bos"] = bool(metadata[PREFIX + "add_bos_token"])
     if model == "llama":
@@ -61,8 +67,10 @@ def fields(tokenizer):
         vocabulary = _byte_level_fields(tokenizer)
     else:
         vocabulary = _spm_style_fields(tokenizer)
+    stops = {tokenizer.token_text(i): i for i in tokenizer.eos_ids if i != tokenizer.eos_id}
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-           **dict(zip(STOP_KEYS, [i for i in tokenizer.eos_ids if i != tokenizer.eos_id]))}
+           "eot_token_id": next((stops[text] for text in END_OF_TURN if text in stops), None),
+           "eom_token_id": stops.get(END_OF_MESSAGE)}
     result = {**{PREFIX + key: value for key, value in {**vocabulary, **ids}.items() if value is not None},
               PREFIX + "add_bos_token": tokenizer.add_bos, PREFIX + "add_eos_token": False}
     if tokenizer.chat_template is not None:

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import struct
+import warnings
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from ..adapters import TARGETS as LORA_TARGETS, Adapted, adapter_names
 from ..config import human_count, parameter_shapes
 from . import gguf_file, hf, llama2c, meta, safetensors_file, tokenizer as tokenizers
 from .common import (LazyTensors, WeightsError, config_from_json, host_tensors,  # noqa: F401 (re-exported)
-                     read_safetensors, read_tokenizer, tokenizer_settings)
+                     TokenizerWarning, read_safetensors, read_tokenizer, tokenizer_settings)
 
 FORMAT_VERSION = "1"
 CONFIG_KEY, TOKENIZER_KEY, VERSION_KEY = "npllama.config", "npllama.tokenizer", "npllama.version"
@@ -46,7 +47,7 @@ CONFIG_KEY, TOKENIZER_KEY, VERSION_KEY = "npllama.config", "npllama.tokenizer", 
 def save(path, config, params, tokenizer=None, dtype=None, metadata=None):
     """Write the npllama weights file atomically; dtype (e.g. 'fp16') converts tensors, else kept.
     metadata (str -> str) is stored beside the config (training writes its step there)."""
-    _check_vocabulary(path, config, tokenizer)
+    _check_vocabulary(path, config, tokenizer, warn=False)
     metadata = {**(metadata or {}), "format": "pt", VERSION_KEY: FORMAT_VERSION,
                 CONFIG_KEY: json.dumps(config.to_dict())}
     if tokenizer is not None:
@@ -114,11 +115,19 @@ def _check(path, config, params, tokenizer):
     _check_vocabulary(path, config, tokenizer)
 
 
-def _check_vocabulary(path, config, tokenizer):
-    """The tokenizer's ids and the embedding's rows must match one to one (a mismatch is the wrong tokenizer)."""
-    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
+def _check_vocabulary(path, config, tokenizer, warn=True):
+    """Every token id needs its embedding row. A model may have more rows than tokens (embeddings padded,
+    as DeepSeek's 102,400 for 100,015 tokens): said in a warning, since it may also be the wrong
+    tokenizer; generation never samples the ids without text."""
+    if tokenizer is None or tokenizer.vocab_size == config.vocab_size:
+        return
+    if tokenizer.vocab_size > config.vocab_size:
         raise WeightsError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                            f"vocab_size is {config.vocab_size}")
+    if warn:
+        warnings.warn(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size} "
+                      f"rows: ids from {tokenizer.vocab_size} on have no text (padding, or the wrong tokenizer)",
+                      TokenizerWarning)
 
 
 def describe(config, params, tokenizer, path=None):
