@@ -332,9 +332,11 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, text, source="the data", bos_token=None, eos_token=None, **conventions):
         self.json = text
-        self._tokenizer, self._byte_level = _parse_tokenizer_json(text, source)
+        document = _tokenizer_document(text, source)
+        self._tokenizer = _tokenizers_bpe(text, source)
+        self._byte_level, self._unknown = _is_byte_level(document), document["model"].get("unk_token")
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        self._byte_pieces, self._special_ids = _byte_pieces(text), _special_ids(text)
+        self._byte_pieces, self._special_ids = _byte_pieces(document), _special_ids(document)
         self._added_bos = self._ids_added_before("x")
         self.bos_id = self.token_id(bos_token, source) if bos_token else (self._added_bos or [None])[0]
         self.eos_id = self.token_id(eos_token, source) if eos_token else None
@@ -369,10 +371,9 @@ class HFTokenizer(Tokenizer):
         return self._tokenizer.id_to_token(token_id)
 
     def uncovered(self, text):
-        unknown = json.loads(self.json)["model"].get("unk_token")
-        if self._byte_level or self._byte_pieces or unknown is None:
+        if self._byte_level or self._byte_pieces or self._unknown is None:
             return set()
-        unknown = self._tokenizer.token_to_id(unknown)
+        unknown = self._tokenizer.token_to_id(self._unknown)
         return {c for c in set(text) if unknown in self.encode(c)}
 
     def encode(self, text, bos=False, eos=False, special=True):
@@ -401,27 +402,32 @@ class HFTokenizer(Tokenizer):
         return bool(printing) and printing[-1] in self._byte_pieces
 
 
-def _byte_pieces(text):
+def _byte_pieces(document):
     """The ids of a byte-fallback BPE's byte pieces <0x00>..<0xFF> (none for a byte-level BPE)."""
-    model = json.loads(text)["model"]
+    model = document["model"]
     if not model.get("byte_fallback"):
         return frozenset()
     return frozenset(i for token, i in model["vocab"].items()
                      if len(token) == 6 and token.startswith("<0x") and token.endswith(">"))
 
 
-def _special_ids(text):
-    return frozenset(token["id"] for token in json.loads(text).get("added_tokens", []) if token.get("special"))
+def _special_ids(document):
+    return frozenset(token["id"] for token in document.get("added_tokens", []) if token.get("special"))
 
 
-def _parse_tokenizer_json(text, source):
-    """(tokenizers.Tokenizer, byte_level) of a tokenizer.json; only BPE models are taken."""
+def _tokenizer_document(text, source):
+    """A tokenizer.json's JSON (TokenizerError when it is not one)."""
     try:
-        data = json.loads(text)
+        document = json.loads(text)
     except ValueError:
-        data = None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        document = None
+    if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
         raise TokenizerError(f"{source} is not a tokenizer.json (HF tokenizers' JSON)")
+    return document
+
+
+def _tokenizers_bpe(text, source):
+    """The tokenizers library's Tokenizer of a tokenizer.json; only BPE models are taken."""
     try:
         tokenizer = tokenizers.Tokenizer.from_str(text)
     except Exception as error:  # the library raises bare Exceptions for malformed files
@@ -430,7 +436,7 @@ def _parse_tokenizer_json(text, source):
     if kind != "BPE":
         raise TokenizerError(f"{source}: a {kind} tokenizer.json is not supported (npllama reads BPE "
                              "tokenizers: byte-level as Llama 3's, or SentencePiece-style as TinyLlama's)")
-    return tokenizer, _is_byte_level(data)
+    return tokenizer
 
 
 def _is_byte_level(document):
