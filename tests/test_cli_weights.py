@@ -123,7 +123,8 @@ def test_load_weights_writes_the_same_tensors_and_a_summary(tmp_path, source, mo
     assert fields["layers"].startswith("2, hidden 32, intermediate 64")
     assert fields["heads"].startswith("4 query, 2 key/value")
     assert fields["dtype"] == dtype
-    assert fields["tokenizer"] == ("SentencePiece, 384 pieces" if has_tokenizer else "none (generate takes token ids)")
+    assert fields["tokenizer"] == ("SentencePiece, 384 pieces; BOS first; stops at '</s>'; no chat template"
+                                   if has_tokenizer else "none (generate takes token ids)")
     assert fields["on"] == f"disk     {os.path.getsize(out) / 1024:.4g} KiB ({out})"
     assert result.stderr == ""
 
@@ -148,7 +149,7 @@ def test_load_weights_embeds_a_tokenizer_into_a_llama2c_import(tmp_path):
     _, _, tokenizer = weights.load(out)
     assert isinstance(tokenizer, SentencePieceTokenizer)
     assert tokenizer.model_bytes == open(TOKENIZER, "rb").read()
-    assert summary_fields(result.stdout.split("\n", 1)[1])["tokenizer"] == "SentencePiece, 384 pieces"
+    assert summary_fields(result.stdout.split("\n", 1)[1])["tokenizer"].startswith("SentencePiece, 384 pieces; ")
 
 
 def test_load_weights_force_overwrites(tmp_path):

@@ -140,10 +140,20 @@ def describe(config, params, tokenizer, path=None):
              f"(head dim {config.head_dim})",
              f"vocabulary  {config.vocab_size}, embeddings {'tied' if config.tie_word_embeddings else 'untied'}",
              f"dtype       {', '.join(stored)}",
-             f"tokenizer   {tokenizer.describe() if tokenizer else 'none (generate takes token ids)'}"]
+             f"tokenizer   {_describe_tokenizer(tokenizer)}"]
     if path is not None:
         lines.append(f"on disk     {_human_bytes(os.path.getsize(path))} ({path})")
     return "\n".join(lines)
+
+
+def _describe_tokenizer(tokenizer):
+    if tokenizer is None:
+        return "none (generate takes token ids)"
+    if tokenizer.kind == "char":
+        return tokenizer.describe()
+    stops = ", ".join(repr(tokenizer.token_text(i)) for i in tokenizer.eos_ids) or "none"
+    return (f"{tokenizer.describe()}; {'BOS first' if tokenizer.add_bos else 'no BOS'}; stops at {stops}; "
+            f"{'a chat template' if tokenizer.chat_template else 'no chat template'}")
 
 
 def _human_bytes(size):
