@@ -259,3 +259,12 @@ def test_the_public_api_computes_with_loaded_half_precision_params(stored, tmp_p
     assert value == expected_value and sorted(grads) == sorted(expected)
     for name, grad in grads.items():
         assert grad.dtype == np.float32 and np.array_equal(grad, expected[name]), name
+
+
+def test_asking_whether_a_lazy_tensor_is_there_does_not_make_it():
+    made = []
+    tensors = weights.LazyTensors()
+    tensors.add("w", "fp32", (2,), lambda: made.append(1) or np.zeros(2, np.float32))
+    assert "w" in tensors and "v" not in tensors and made == []
+    tensors["w"]
+    assert made == [1]

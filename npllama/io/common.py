@@ -32,6 +32,9 @@ class LazyTensors(collections.abc.Mapping):
     def __getitem__(self, name):
         return self._entries[name][2]()
 
+    def __contains__(self, name):  # (Mapping's would make the tensor to find out)
+        return name in self._entries
+
     def __iter__(self):
         return iter(self._entries)
 
