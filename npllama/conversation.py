@@ -11,6 +11,7 @@ import time
 
 from . import generation
 from .generation import GenerationError, GenerationStats
+from .io.tokenizer import check_text
 from .sampling import Sampler
 
 DEFAULT_CONTEXT = 4096  # the cache's positions when the model's context is longer (Llama 3.2: 131,072)
@@ -44,6 +45,7 @@ class ChatSession:
         """(pieces, stats): an iterator over the reply's text as it is produced, and its GenerationStats.
         The user's message and the reply (as far as it got, should the caller stop early) are added
         to the conversation when the iterator ends; stopped before the prompt was run, neither is."""
+        check_text(text)  # (here, where an offset is one into the message)
         messages = self.messages + [{"role": "user", "content": text}]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         if len(ids) > self.context:

@@ -24,7 +24,11 @@ encode call, so chunk k > 0 is encoded as "\\n" + chunk and the ids of "\\n" alo
 front. That equals one-shot encoding exactly when no piece of the vocabulary contains a newline and a
 newline survives normalization (true of Llama's tokenizer and of every bpe:N model made here, which are
 trained on lines): then no piece spans a newline and the ids after one do not depend on the text before
-it. A model where that does not hold is encoded in one call.
+it. A model where that does not hold is encoded in one call. A tokenizer.json BPE (whose pre-tokenizer
+may join a newline to the spaces around it, as Llama 3's does) is encoded chunk by chunk after the
+line before each chunk, that line's ids dropped; a cut is kept only where the line's ids alone begin
+the ids of the line with the next one (nothing joins across the cut), else the chunks are encoded
+together.
 """
 import collections
 import fractions
@@ -253,6 +257,9 @@ def token_ids(text, tokenizer, cache_dir):
 
 def _encode_chunks(text, tokenizer):
     """The ids of the text as a few arrays whose concatenation is the ids of the whole text."""
+    if tokenizer.kind == "tokenizers":
+        yield from _encode_at_clean_cuts(text, tokenizer)
+        return
     if tokenizer.kind != "char" and not _newline_is_a_boundary(tokenizer):
         yield _checked(tokenizer.encode(text, special=False), tokenizer)
         return
@@ -265,6 +272,31 @@ def _encode_chunks(text, tokenizer):
         if ids[:len(newline)] != newline:  # cannot happen when _newline_is_a_boundary holds
             raise DataError("the tokenizer encodes a newline differently in context; cannot chunk")
         yield _checked(ids[len(newline):], tokenizer)
+
+
+def _encode_at_clean_cuts(text, tokenizer):
+    """A tokenizer.json BPE's ids, chunk by chunk (see the module docstring): a chunk is encoded after
+    the line before it, whose own ids are dropped from the front, and a cut is kept only where nothing
+    joins across it: the line's ids alone begin the ids of the line and the next one together."""
+    def encode(part):
+        return tokenizer.encode(part, special=False)
+
+    before, pending = "", ""  # the line before the text not yet encoded; that text
+    for chunk in _line_chunks(text, CHUNK_CHARS):
+        if pending:
+            last_line = pending[pending.rfind("\n", 0, len(pending) - 1) + 1:]
+            head = encode(last_line)
+            if encode(last_line + chunk[:chunk.find("\n") + 1 or None])[:len(head)] == head:
+                yield _checked(_ids_after(encode, before, pending), tokenizer)
+                before, pending = last_line, ""
+        pending += chunk
+    if pending:
+        yield _checked(_ids_after(encode, before, pending), tokenizer)
+
+
+def _ids_after(encode, before, text):
+    """The ids of text where it follows the line `before` ("" at the start of the whole text)."""
+    return encode(before + text)[len(encode(before)):] if before else encode(text)
 
 
 def _checked(ids, tokenizer):
@@ -291,10 +323,7 @@ def _line_chunks(text, size):
 
 def _newline_is_a_boundary(tokenizer):
     """Whether nothing in a SentencePiece model can join the text on the two sides of a newline: no piece
-    contains one, and normalization keeps it (see the module docstring). A tokenizer.json BPE's
-    pre-tokenizer may join a newline to the spaces around it (Llama 3's does): its text is one piece."""
-    if tokenizer.kind != "sentencepiece":
-        return False
+    contains one, and normalization keeps it (see the module docstring)."""
     sp = sentencepiece.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
     if any("\n" in sp.id_to_piece(i) for i in range(sp.get_piece_size())):
         return False

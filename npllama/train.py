@@ -258,7 +258,8 @@ class TrainingRun:
         start = [self.tokenizer.bos_id if self.tokenizer.add_bos else int(self.train_ids[0])]
         length = min(self.settings.sample_tokens, self.context - 1)
         new = generation.generate(self.model_params, self.config, start, length, temperature=0.8, top_k=200,
-                                  seed=self.settings.seed + self.step, eos_ids=self.tokenizer.eos_ids)
+                                  seed=self.settings.seed + self.step, eos_ids=self.tokenizer.eos_ids,
+                                  vocab_limit=self.tokenizer.vocab_size)
         return self.tokenizer.decode(start + new)
 
     # ---- checkpoints --------------------------------------------------------------------------------

@@ -131,3 +131,16 @@ def test_draws_follow_the_probabilities():
     sampler = generation.Sampler(1.0, seed=0)
     counts = np.bincount([sampler(logits) for _ in range(20000)], minlength=5) / 20000
     np.testing.assert_allclose(counts, np.exp(logits), atol=0.012)  # ~4 standard errors
+
+
+def test_decoding_keeps_the_embedding_table_made_when_read():
+    """A table made when read (a dequantized GGUF) is made once, not at every token."""
+    from npllama.io.common import LazyTensors
+    config = LlamaConfig.preset("tiny")
+    stored = init_params(config)
+    made = []
+    params = LazyTensors()
+    for name, value in stored.items():
+        params.add(name, value.dtype, value.shape, lambda name=name: made.append(name) or stored[name])
+    list(generation.stream(params, config, [1, 2], 5)[0])
+    assert made.count("model.embed_tokens.weight") == 1

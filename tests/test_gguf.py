@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import struct
 
 import gguf
 import numpy as np
@@ -441,3 +442,12 @@ def test_not_a_gguf_file(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF" + (7).to_bytes(4, "little") + bytes(16))
     with pytest.raises(weights.WeightsError, match="GGUF version 7; npllama reads versions 2 and 3"):
         gguf_file.read_file(str(tmp_path / "x.gguf"))
+
+
+@pytest.mark.parametrize("alignment", [0, 3])
+def test_an_alignment_that_is_not_a_power_of_two(tmp_path, alignment):
+    key = b"general.alignment"
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, alignment)
+    (tmp_path / "a.gguf").write_bytes(header)
+    with pytest.raises(weights.WeightsError, match=f"general.alignment is {alignment}, not a power of two"):
+        gguf_file.read_file(str(tmp_path / "a.gguf"))

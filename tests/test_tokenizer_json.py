@@ -213,8 +213,8 @@ def test_gguf_end_of_turn_ids_are_named_by_their_text():
     assert llama3.token_text(fields["tokenizer.ggml.eot_token_id"]) == "<|eot_id|>"
     assert llama3.token_text(fields["tokenizer.ggml.eom_token_id"]) == "<|eom_id|>"
     tokenizer, _ = fixture("llama3")  # eos <|eot_id|>; <|end_of_text|> and <|eom_id|> stop too
-    fields = tokenizer_gguf.fields(tokenizer)
-    assert "tokenizer.ggml.eot_token_id" not in fields and fields["tokenizer.ggml.eom_token_id"] == 4
+    fields = tokenizer_gguf.fields(tokenizer)  # a stop of no known text is still written, as eot
+    assert (fields["tokenizer.ggml.eot_token_id"], fields["tokenizer.ggml.eom_token_id"]) == (1, 4)
     assert set(tokenizer_gguf.read(fields).eos_ids) == set(tokenizer.eos_ids)
 
 
@@ -255,14 +255,21 @@ def test_weights_file_and_hf_export_keep_the_tokenizer(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", JSON_KINDS)
-def test_training_data_encodes_with_a_tokenizer_json(tmp_path, kind):
-    """train and eval read a text through data.token_ids: one piece (a tokenizer.json pre-tokenizer may
-    join a newline to the spaces around it), and any character is covered (bytes or byte fallback)."""
+def test_training_data_encodes_with_a_tokenizer_json_chunk_by_chunk(tmp_path, monkeypatch, kind):
+    """train and eval read a text through data.token_ids, in chunks cut where nothing joins across the
+    cut (a Llama 3 pre-tokenizer joins a newline to the spaces around it): the ids of one call; and any
+    character is covered (bytes or byte fallback)."""
     from npllama import data
     tokenizer, _ = fixture(kind)
-    text = "First Citizen:\n  Speak, speak.\n\n\tAll: 🦙 日本\n" * 50
+    calls = []
+    encode = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda text, *a, **k: calls.append(len(text)) or encode(text, *a, **k))
+    monkeypatch.setattr(data, "CHUNK_CHARS", 40)
+    text = "First Citizen:\n  Speak, speak.\n\n\tAll: 🦙 日本\n \n   \nWe are <s> resolved.\n" * 30 + "end"
     data.check_coverage(tokenizer, text)
-    assert list(data.token_ids(text, tokenizer, str(tmp_path))) == tokenizer.encode(text)
+    ids = data.token_ids(text, tokenizer, str(tmp_path))
+    assert max(calls) < len(text) / 4  # in pieces ...
+    assert list(ids) == encode(text, special=False)  # ... that add up to the one-call ids
 
 
 # ---- SentencePiece conventions and what transformers' Llama class does ---------------------------------
@@ -303,6 +310,28 @@ def test_a_legacy_layout_llama_tokenizer_json_runs_as_transformers_llama_class(t
         assert tokenizer.encode(text, bos=True) == ids, text
 
 
+def test_a_broken_llama_class_tokenizer_json_is_one_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": ')  # cut short
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    with pytest.raises(TokenizerError, match="is not a tokenizer.json"):
+        directory_tokenizer(str(tmp_path))
+
+
+def test_user_defined_pieces_split_the_text_as_llama_cpp_does():
+    """A SentencePiece model's user-defined pieces are matched in the text first (as llama.cpp and HF's
+    added tokens are), and with legacy the text after one begins with the dummy-prefix space."""
+    import io as bytes_io
+    model = bytes_io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["one line", "another line", "and a <ud> piece"] * 30), model_writer=model,
+        model_type="bpe", vocab_size=300, byte_fallback=True, user_defined_symbols=["<ud>"], minloglevel=2)
+    from npllama.io.tokenizer import SentencePieceTokenizer
+    tokenizer = SentencePieceTokenizer(model.getvalue())
+    reference = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    ud = reference.piece_to_id("<ud>")
+    assert tokenizer.encode("a<ud>b") == reference.encode("a") + [ud] + reference.encode("b")
+
+
 def test_special_tokens_map_names_bos_and_eos_when_the_config_does_not(tmp_path):
     source = os.path.join(FIXTURES, "chatml")
     (tmp_path / "tokenizer.json").write_bytes(open(os.path.join(source, "tokenizer.json"), "rb").read())
@@ -314,8 +343,12 @@ def test_special_tokens_map_names_bos_and_eos_when_the_config_does_not(tmp_path)
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_ids) == (1, 2, (2,))
 
 
-def test_a_tokenizer_file_given_by_path_brings_its_directorys_conventions():
-    tokenizer = weights.read_tokenizer(os.path.join(FIXTURES, "llama3", "tokenizer.json"),
-                                       **weights.tokenizer_settings(os.path.join(FIXTURES, "llama3")))
+def test_a_tokenizer_file_given_by_path_brings_its_directorys_conventions(tmp_path):
+    """--tokenizer DIR/tokenizer.json: the BOS, stops and chat template of DIR's config files come too."""
     expected = directory_tokenizer(os.path.join(FIXTURES, "llama3"))
-    assert tokenizer.conventions() == expected.conventions() and tokenizer.eos_id == expected.eos_id
+    config, params = tiny_model(expected.vocab_size)
+    weights.save(str(tmp_path / "bare.safetensors"), config, params)
+    _, _, tokenizer = weights.load(str(tmp_path / "bare.safetensors"),
+                                   os.path.join(FIXTURES, "llama3", "tokenizer.json"))
+    assert tokenizer.conventions() == expected.conventions() and tokenizer.chat_template is not None
+    assert (tokenizer.bos_id, tokenizer.eos_id, len(tokenizer.eos_ids)) == (expected.bos_id, expected.eos_id, 3)

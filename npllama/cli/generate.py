@@ -4,6 +4,7 @@ import sys
 import click
 
 from .. import adapters, backend, conversation, generation
+from ..errors import UserError
 from ..io import weights
 from .common import device_option
 
@@ -115,6 +116,7 @@ def chat_command(weights_path, system, max_new_tokens, context, temperature, top
     session = conversation.ChatSession(params, config, tokenizer, system, context, temperature, top_k, top_p, seed,
                                None if dtype == "auto" else dtype)
     interactive = sys.stdin.isatty()
+    sys.stdin.reconfigure(errors="surrogateescape")  # a byte that is not UTF-8 is then the tokenizer's to refuse
     if interactive:
         click.echo(f"chatting with {weights_path} ({session.context} positions); /reset, /exit, Ctrl-C stops a "
                    "reply", err=True)
@@ -143,7 +145,7 @@ def _messages(interactive):
 def _reply(session, text, max_new_tokens, interactive):
     try:
         pieces, stats = session.reply(text, max_new_tokens)
-    except conversation.ChatError as error:
+    except UserError as error:  # the context is full, the text is not UTF-8, the template fails ...
         if not interactive:
             raise  # a script's later messages would answer a conversation that is not the one it wrote
         click.echo(f"Error: {error}", err=True)

@@ -50,14 +50,14 @@ def _bos_template(text, token_id):
             "special_tokens": {text: {"id": text, "ids": [token_id], "tokens": [text]}}}
 
 
-def as_transformers_llama(text, legacy=False, add_prefix_space=True):
-    """A SentencePiece-style tokenizer.json as transformers 5's LlamaTokenizer runs it (the class
+def as_transformers_llama(document, legacy=False, add_prefix_space=True):
+    """A SentencePiece-style tokenizer.json (its parsed JSON) as transformers 5's LlamaTokenizer runs it (the class
     tokenizer_config.json names for Llama 1/2, TinyLlama, Mistral v0.1): whatever the file's
     normalizer, pre-tokenizer and decoder, it keeps only the BPE and the added tokens, and writes '▁'
     for spaces and before the text (`prepend_scheme`: "first", before the first piece only, unless
     `legacy`, "always", also after each special token; "never" without add_prefix_space), decoding
     back with byte fallback and one leading space stripped."""
-    document = json.loads(text)
+    document = dict(document)
     scheme = "never" if not add_prefix_space else "always" if legacy else "first"
     strip = [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if add_prefix_space else []
     document.update(

@@ -92,13 +92,15 @@ def directory_tokenizer(directory):
 def tokenizer_settings(directory):
     """What transformers reads beside a tokenizer file, as tokenizer.load's settings: tokenizer_config.json
     (add_bos_token, bos_token, eos_token, tokenizer_class, legacy, add_prefix_space, chat_template; the
-    tokens also from special_tokens_map.json), the chat template's own files, and the stop ids
-    (generation_config.json's eos_token_id, else config.json's)."""
+    tokens from special_tokens_map.json when the config has no added_tokens_decoder), the chat
+    template's own files, and the stop ids (generation_config.json's eos_token_id, else config.json's)."""
     config = _json_file(directory, "tokenizer_config.json")
-    special = _json_file(directory, "special_tokens_map.json")
+    if "added_tokens_decoder" not in config:  # as transformers 5: the older layout's map has the last word
+        config.update({key: value for key, value in _json_file(directory, "special_tokens_map.json").items()
+                       if key in ("bos_token", "eos_token")})
     settings = {"add_bos": config.get("add_bos_token"),
-                "bos_token": _token_text(config.get("bos_token") or special.get("bos_token")),
-                "eos_token": _token_text(config.get("eos_token") or special.get("eos_token")),
+                "bos_token": _token_text(config.get("bos_token")),
+                "eos_token": _token_text(config.get("eos_token")),
                 "chat_template": _chat_template(directory, config.get("chat_template")),
                 "tokenizer_class": config.get("tokenizer_class"),
                 "legacy": config.get("legacy"), "add_prefix_space": config.get("add_prefix_space"),

@@ -76,14 +76,9 @@ def normalizer_flags(model):
 
 def without_dummy_prefix(model):
     """The same model, but encoding puts no '▁' before a text (normalizer_spec.add_dummy_prefix false)."""
-    out = b""
-    for number, value, raw in fields(model):
-        if number != NORMALIZER:
-            out += raw
-            continue
-        kept = b"".join(raw for n, _, raw in fields(value) if n != ADD_DUMMY_PREFIX)
-        out += field(NORMALIZER, kept + field(ADD_DUMMY_PREFIX, False))
-    return out
+    others = b"".join(raw for number, _, raw in fields(model) if number != NORMALIZER)
+    kept = b"".join(raw for n, _, raw in fields(values(model, NORMALIZER, b"")[0]) if n != ADD_DUMMY_PREFIX)
+    return others + field(NORMALIZER, kept + field(ADD_DUMMY_PREFIX, False))
 
 
 def _varint(value):

@@ -49,7 +49,7 @@ def _check_ids(ids, vocab_size):
     return ids
 
 
-def _check_text(text):
+def check_text(text):
     """A text is Unicode characters: a lone surrogate (what Python makes of bytes that are not UTF-8 in
     command-line arguments and some streams) is not one."""
     try:
@@ -107,6 +107,9 @@ class Tokenizer:
         return self.encode(text) if tokenize else text
 
 
+SPLIT_PIECE_TYPES = (2, 3, 4)  # unknown, control and user-defined pieces: matched whole in a text first
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model, e.g. Llama 1/2's 32000 pieces, built from the model file's bytes."""
     kind = "sentencepiece"
@@ -126,8 +129,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         self.unk_id = self._sp.unk_id() if self._sp.unk_id() >= 0 else None
         self._anchor_id, self._anchor_text = self._find_anchor()
-        self._specials = _special_pattern({self._sp.id_to_piece(i): i for i in range(self.vocab_size)
-                                           if self._sp.is_control(i) or self._sp.is_unknown(i)})
+        self._specials = _special_pattern({piece: i for i, (piece, _, kind) in
+                                           enumerate(sentencepiece_proto.pieces(self.model_bytes))
+                                           if kind in SPLIT_PIECE_TYPES and piece})
         self._mid_text_sp = None  # made when first needed: the model without the dummy prefix
         self._set_conventions(**conventions)
 
@@ -151,10 +155,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text, bos=False, eos=False, special=True):
         """sentencepiece's ids. With `special`, the text of a control piece ('<s>', '</s>', as chat
-        templates write them) or of '<unk>' is that piece's id, and the text after it is encoded as
-        `legacy` says: as a text of its own, with the dummy-prefix '▁' (sentencepiece's, Meta's and
-        llama.cpp's way, HF's legacy=True), or as the continuation it is (HF's legacy=False)."""
-        _check_text(text)
+        templates write them), of '<unk>' or of a user-defined piece is that piece's id (as llama.cpp
+        and HF's added tokens match them), and the text after it is encoded as `legacy` says: as a text
+        of its own, with the dummy-prefix '▁' (sentencepiece's, Meta's and llama.cpp's way, HF's
+        legacy=True), or as the continuation it is (HF's legacy=False)."""
+        check_text(text)
         pieces = _split_on(text, self._specials) if special else [(None, text)]
         ids = []
         for index, (special_id, segment) in enumerate(pieces):
@@ -378,7 +383,7 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text, bos=False, eos=False, special=True):
         """The ids of the text; with `special`, an added token's text in it is that token's id."""
-        _check_text(text)
+        check_text(text)
         self._tokenizer.encode_special_tokens = not special  # the library's switch: specials as plain text
         try:
             ids = self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -550,7 +555,8 @@ def from_metadata(text):
                          '{"type": "sentencepiece", "model": ...} or {"type": "tokenizers", "json": ...}')
 
 
-LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")  # transformers' class for SentencePiece Llamas
+CODE_LLAMA = "CodeLlamaTokenizer"  # (transformers 5 runs it as the Llama class, legacy always off)
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", CODE_LLAMA, CODE_LLAMA + "Fast")
 
 
 def load(path, tokenizer_class=None, legacy=None, add_prefix_space=True, **settings):
@@ -564,23 +570,31 @@ def load(path, tokenizer_class=None, legacy=None, add_prefix_space=True, **setti
     path = os.fspath(path)
     data = _read_bytes(path)
     llama_class = tokenizer_class in LLAMA_CLASSES
+    if llama_class and (legacy is None or tokenizer_class.startswith(CODE_LLAMA)):
+        legacy = False  # transformers 5's default, and all CodeLlama knows
     if path.endswith(".json") or data.lstrip()[:1] == b"{":
         text = data.decode("utf-8", "replace")
-        if llama_class and not _is_byte_level_json(text):
-            text = bpe_json.as_transformers_llama(text, bool(legacy), add_prefix_space)
+        if llama_class:
+            text = _as_llama_class(text, legacy, add_prefix_space)
         return HFTokenizer(text, source=str(path), **settings)
     if tiktoken_ranks.is_rank_file(data):
         return _llama3_tokenizer(data, path, settings)
     settings = {name: value for name, value in settings.items() if name in CONVENTIONS}
-    legacy = (not llama_class) if legacy is None else legacy
+    legacy = True if legacy is None else legacy  # sentencepiece's own way
     return SentencePieceTokenizer(data, source=str(path), legacy=legacy, **settings)
 
 
-def _is_byte_level_json(text):
+def _as_llama_class(text, legacy, add_prefix_space):
+    """A SentencePiece-style tokenizer.json as transformers' Llama class runs it; a byte-level one (some
+    Hub repositories name the class wrongly; transformers then ignores it too), or one that is not a
+    tokenizer.json (HFTokenizer says what is wrong), as it is."""
     try:
-        return _is_byte_level(json.loads(text))
-    except (ValueError, AttributeError):
-        return False  # HFTokenizer says what is wrong with it
+        document = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(document, dict) or not isinstance(document.get("model"), dict) or _is_byte_level(document):
+        return text
+    return bpe_json.as_transformers_llama(document, bool(legacy), add_prefix_space)
 
 
 def _llama3_tokenizer(data, path, settings):

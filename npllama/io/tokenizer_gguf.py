@@ -25,11 +25,15 @@ from .tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, Token
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF's and SentencePiece's numbering
 PREFIX = "tokenizer.ggml."
 STOP_KEYS = ("eot_token_id", "eom_token_id")  # end-of-turn ids llama.cpp stops on besides EOS
-# llama.cpp (llama-vocab.cpp) also stops on tokens it knows by their text, and takes the first of the
-# end-of-turn ones as eot_token_id when the file names none
-END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>")
+# llama.cpp (llama-vocab.cpp) also stops on tokens it knows by their text: end-of-turn ones (the first of
+# which it takes as eot_token_id when the file names none), <|eom_id|>, and fill-in-the-middle's
+# separators, which end a generation too
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "_<EOT>",
+               "<｜end▁of▁sentence｜>", "<end_of_utterance>")
 END_OF_MESSAGE = "<|eom_id|>"
-END_OF_GENERATION = END_OF_TURN + (END_OF_MESSAGE, "<|end_of_text|>")
+END_OF_GENERATION = END_OF_TURN + (END_OF_MESSAGE, "<|end_of_text|>", "<|return|>", "<|call|>", "<|fim_pad|>",
+                                   "<fim_pad>", "<fim-pad>", "<PAD>", "<|repo_name|>", "<reponame>", "<REPO>",
+                                   "<|file_sep|>", "<file_sep>", "<FILE_SEP>")
 
 # llama.cpp's other names for the pre-tokenizers npllama writes (bpe_json.PRE_TOKENIZERS)
 PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "phi-2": "gpt-2", "starcoder": "smollm",
@@ -68,9 +72,10 @@ def fields(tokenizer):
     else:
         vocabulary = _spm_style_fields(tokenizer)
     stops = {tokenizer.token_text(i): i for i in tokenizer.eos_ids if i != tokenizer.eos_id}
+    eom = stops.pop(END_OF_MESSAGE, None)
+    known = [stops[text] for text in END_OF_TURN if text in stops]
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-           "eot_token_id": next((stops[text] for text in END_OF_TURN if text in stops), None),
-           "eom_token_id": stops.get(END_OF_MESSAGE)}
+           "eot_token_id": (known or list(stops.values()) or [None])[0], "eom_token_id": eom}
     result = {**{PREFIX + key: value for key, value in {**vocabulary, **ids}.items() if value is not None},
               PREFIX + "add_bos_token": tokenizer.add_bos, PREFIX + "add_eos_token": False}
     if tokenizer.chat_template is not None:
