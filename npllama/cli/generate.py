@@ -113,10 +113,11 @@ def chat_command(weights_path, system, max_new_tokens, context, temperature, top
     keeps the conversation. Piped stdin works too: one message per line, one reply per message; a
     message that cannot be answered (the context is full) ends it with an error."""
     config, params, tokenizer = _load(weights_path, device, tokenizer_path, lora_path)
-    session = conversation.ChatSession(params, config, tokenizer, system, context, temperature, top_k, top_p, seed,
-                               None if dtype == "auto" else dtype)
+    session = conversation.ChatSession(params, config, tokenizer, system, context, temperature, top_k, top_p,
+                                       seed, None if dtype == "auto" else dtype)
     interactive = sys.stdin.isatty()
-    sys.stdin.reconfigure(errors="surrogateescape")  # a byte that is not UTF-8 is then the tokenizer's to refuse
+    if hasattr(sys.stdin, "reconfigure"):  # a byte that is not UTF-8 is then the tokenizer's to refuse
+        sys.stdin.reconfigure(errors="surrogateescape")
     if interactive:
         click.echo(f"chatting with {weights_path} ({session.context} positions); /reset, /exit, Ctrl-C stops a "
                    "reply", err=True)
