@@ -451,3 +451,21 @@ def test_an_alignment_that_is_not_a_power_of_two(tmp_path, alignment):
     (tmp_path / "a.gguf").write_bytes(header)
     with pytest.raises(weights.WeightsError, match=f"general.alignment is {alignment}, not a power of two"):
         gguf_file.read_file(str(tmp_path / "a.gguf"))
+
+
+@pytest.mark.parametrize("name", ["gqa-f32", "llama3-q4_k_m"])
+def test_export_of_an_imported_gguf_keeps_its_tokenizer_and_chat_template(tmp_path, name):
+    config, params, tokenizer = weights.load(fixture(name))
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    weights.export_gguf(str(tmp_path / "once.gguf"), config, params, tokenizer, "f16")
+    _, again_params, again = weights.load(str(tmp_path / "once.gguf"))
+    weights.export_gguf(str(tmp_path / "twice.gguf"), config, again_params, again, "f16")
+    first, second = gguf_file.read_file(fixture(name))[0], gguf_file.read_file(str(tmp_path / "twice.gguf"))[0]
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert second[key] == first[key], key
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.merges"):
+        assert second.get(key) == first.get(key), key
+    assert second["tokenizer.chat_template"] == tokenizer.chat_template
+    text = "Hello <s> world, 1234 🦙"
+    assert again.encode(text, bos=again.add_bos) == tokenizer.encode(text, bos=tokenizer.add_bos)
