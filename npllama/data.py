@@ -48,7 +48,7 @@ BUILTIN_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpu
                               "shakespeare-sample.txt")
 
 CHUNK_CHARS = 1 << 20            # characters encoded per call by token_ids (cut at a newline)
-CACHE_VERSION = b"npllama-tokens-1"  # part of the token cache's fingerprint: bump when encoding changes
+CACHE_VERSION = b"npllama-tokens-2"  # part of the token cache's fingerprint: bump when encoding changes
 BPE_VERSION = b"npllama-bpe-1"       # part of a bpe:N model's fingerprint: bump when training changes
 
 # SentencePiece BPE training (make_tokenizer 'bpe:N'), with Llama's own trainer settings where they apply
