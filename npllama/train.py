@@ -35,7 +35,7 @@ import numpy as np
 from . import adamw, adapters, backend, data, generation, model
 from .config import LlamaConfig
 from .errors import UserError, setting
-from .io import safetensors_file, weights
+from .io import files, safetensors_file, weights
 from .ops.lm_head import IGNORE_INDEX
 from .runtime import cpu, parallel
 
@@ -373,6 +373,7 @@ def start(directory, data_path=None, tokenizer=None, preset=None, model_settings
                          f"or {setting('force')} to start over")
     made = not os.path.exists(directory)
     os.makedirs(directory, exist_ok=True)
+    files.remove_leftovers(directory)  # of a run killed while writing
     try:
         return _start(directory, data_path or data.BUILTIN_CORPUS, tokenizer, preset, model_settings, settings)
     except BaseException:
@@ -423,6 +424,7 @@ def resume(directory, data_path=None, **changes):
         raise TrainError(f"{setting('resume')} continues with the run's own settings; {setting(fixed[0])} cannot "
                          f"change (only {', '.join(setting(name) for name in RESUME_ADJUSTABLE)} can)")
     checkpoint = load_checkpoint(directory)
+    files.remove_leftovers(directory)  # of the run, killed while writing
     state = checkpoint.state
     settings = dataclasses.replace(TrainSettings(**state["settings"]), **changes)
     if settings.max_iters < state["step"]:

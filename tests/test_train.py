@@ -174,8 +174,10 @@ def test_bpe_tokenizer_and_init_from_weights(tmp_path, text_file):
     assert weights.load(str(tmp_path / "tuned" / train.MODEL_FILE))[2].model_bytes == tokenizer.model_bytes
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file):
-    """A real interruption: SIGINT to a running `cli.py train`, then --resume, against a straight run."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_and_resume_continues_exactly(tmp_path, text_file, stop):
+    """A real interruption: SIGINT (Ctrl-C) or SIGTERM (docker stop, timeout) to a running `cli.py train`,
+    then --resume, against a straight run."""
     command = [sys.executable, "cli.py", "train", "--data", str(text_file), "--max-iters", "300", *TINY_FLAGS]
     command[command.index("--eval-interval") + 1] = "100"
     straight = subprocess.run(command + ["--out", str(tmp_path / "straight")], cwd=ROOT, capture_output=True, text=True)
@@ -187,9 +189,9 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, text_file):
     deadline = time.time() + 60
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 20):
         time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + stop, stderr
     assert "interrupted at step" in stderr and "Traceback" not in stderr
     stopped = int(stderr.split("interrupted at step ")[1].split(":")[0])
     assert 0 < stopped < 300
@@ -391,6 +393,24 @@ def test_start_and_resume_from_python(tmp_path, text_file):
     assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "straight")
     for name in straight.params:
         assert np.array_equal(backend.to_host(resumed.params[name]), backend.to_host(straight.params[name])), name
+
+
+def test_resume_and_start_remove_what_a_killed_write_left(tmp_path, text_file):
+    """A run killed while writing leaves .model.safetensors.XXXX.tmp and the like: gone on the next
+    resume (or start over); files that are not such leftovers stay."""
+    run = library_run(tmp_path / "r", text_file, max_iters=2)
+    train.run(run)
+    leftovers = [".model.safetensors.k3j9x1ab.tmp", ".optimizer.safetensors.0q8w2e7r.tmp", ".log.csv.zz9.tmp"]
+    kept = ["notes.tmp", ".hidden", "model.safetensors.tmp"]
+    for name in leftovers + kept:
+        (tmp_path / "r" / name).write_bytes(b"partial")
+    train.resume(str(tmp_path / "r"), max_iters=3)
+    assert not any((tmp_path / "r" / name).exists() for name in leftovers)
+    assert all((tmp_path / "r" / name).exists() for name in kept)
+    (tmp_path / "r" / leftovers[0]).write_bytes(b"partial")
+    train.start(str(tmp_path / "r"), str(text_file), model_settings=MODEL_SETTINGS, force=True,
+                settings=train.TrainSettings(batch_size=4, max_iters=2))
+    assert not (tmp_path / "r" / leftovers[0]).exists()
 
 
 def test_library_errors_name_settings_and_the_cli_names_flags(tmp_path, text_file):

@@ -115,14 +115,18 @@ def _given_settings(ctx, flags, tokenizer_spec, init_path, preset):
     return {named[name]: ctx.params.get(name, values.get(name)) for name in named if given(ctx, name)}
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; docker stop, timeout and schedulers
+
+
 def _train_with_progress(run, out):
-    """The loop with a progress bar; Ctrl-C saves a checkpoint and exits cleanly (twice: at once)."""
+    """The loop with a progress bar; Ctrl-C or SIGTERM finishes the step, saves a checkpoint and exits
+    with 128 + the signal's number (a second one: at once)."""
     interrupted = []
 
     def on_interrupt(signum, frame):
         interrupted.append(signum)
-        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops without waiting
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+        _restore(previous)  # a second signal stops without waiting
+    previous = {number: signal.signal(number, on_interrupt) for number in STOP_SIGNALS}
 
     def show(report):
         return "" if report is None else \
@@ -140,15 +144,20 @@ def _train_with_progress(run, out):
             outcome = training.run(run, should_stop=lambda: bool(interrupted),
                                    on_step=lambda report: bar.update(1, report), on_eval=on_eval)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _restore(previous)
     if outcome == "interrupted":
         click.echo(f"interrupted at step {run.step}: checkpoint saved; continue with "
                    f"`python cli.py train --out {out} --resume`", err=True)
-        sys.exit(130)
+        sys.exit(128 + interrupted[0])
     curves = training.plot_curves(out)
     click.echo(f"done: step {run.step}; wrote {run.checkpoint_file} and {os.path.join(out, training.LOG_FILE)}")
     click.echo(f"wrote {curves}" if curves else "matplotlib is not installed: no curves.png "
                "(pip install matplotlib); the losses are in log.csv")
+
+
+def _restore(handlers):
+    for number, handler in handlers.items():
+        signal.signal(number, handler)
 
 
 @click.command("eval")

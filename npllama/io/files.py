@@ -5,13 +5,15 @@ import contextlib
 import os
 import tempfile
 
+TEMPORARY_SUFFIX = ".tmp"
+
 
 @contextlib.contextmanager
 def replacing(path):
     """A temporary path beside `path` for the block to write (and close); when the block ends without
     an error it is synced to disk and renamed to path, otherwise removed."""
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                         prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+                                         prefix="." + os.path.basename(path) + ".", suffix=TEMPORARY_SUFFIX)
     os.close(handle)
     try:
         yield temporary
@@ -25,6 +27,16 @@ def replacing(path):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def remove_leftovers(directory):
+    """Remove the temporary files `replacing` left in directory when its process was killed mid-write
+    (.NAME.XXXXXXXX.tmp); the names removed. Only for a directory no other process is writing in."""
+    leftovers = [name for name in os.listdir(directory)
+                 if name.startswith(".") and name.endswith(TEMPORARY_SUFFIX) and name.count(".") >= 3]
+    for name in leftovers:
+        os.remove(os.path.join(directory, name))
+    return leftovers
 
 
 def write_atomically(path, blocks):
