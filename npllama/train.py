@@ -42,6 +42,7 @@ from .runtime import cpu, parallel
 MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.safetensors"
 LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's checkpoint: the adapters alone
+NEXT = ".next"  # a checkpoint's files are written under NAME.next first (see TrainingRun.save)
 STEP_KEY, TRAIN_KEY = "npllama.train_step", "npllama.train"
 LOG_FIELDS = ["step", "lr", "loss", "grad_norm", "tokens_per_second", "elapsed_seconds", "train_loss", "val_loss"]
 DEFAULT_SHAPE = "shakespeare-char"  # nanoGPT's CPU recipe as a Llama; the vocabulary comes from the data
@@ -268,7 +269,11 @@ class TrainingRun:
         return os.path.join(self.directory, ADAPTERS_FILE if self.settings.lora_rank else MODEL_FILE)
 
     def save(self):
-        """Write the optimizer state, then the model (or the adapters); both record the step (atomically)."""
+        """Write a checkpoint as one unit: the optimizer state (with the step) to optimizer.safetensors.next,
+        the model (or the adapters, with the step) to its NAME.next, then rename the first over
+        optimizer.safetensors and the second over its name. A kill at any moment leaves a run that
+        finish_checkpoint makes whole: the model's .next exists only once both are complete, so it is
+        rolled forward; without it the optimizer's .next is an unfinished checkpoint and is dropped."""
         state = self.optimizer.state_dict()
         tensors = {f"{kind}/{name}": backend.to_host(state[kind][name]) for kind in ("m", "v") for name in state[kind]}
         train_state = {"step": self.step, "rng_state": self.rng.bit_generator.state,
@@ -276,16 +281,30 @@ class TrainingRun:
                        "settings": dataclasses.asdict(self.settings), "data": self.data_info,
                        "base": _identity(self.settings.init) if self.settings.lora_rank else None,
                        "optimizer": {key: state[key] for key in state if key not in ("m", "v")}}
-        safetensors_file.write(os.path.join(self.directory, OPTIMIZER_FILE), tensors,
+        safetensors_file.write(os.path.join(self.directory, OPTIMIZER_FILE + NEXT), tensors,
                                {TRAIN_KEY: json.dumps(train_state)})
         if self.settings.lora_rank:
-            weights.save_adapters(self.checkpoint_file, self.params, self.settings.lora_rank, self.settings.lora_alpha,
-                                  self.settings.lora_targets,
+            weights.save_adapters(self.checkpoint_file + NEXT, self.params, self.settings.lora_rank,
+                                  self.settings.lora_alpha, self.settings.lora_targets,
                                   metadata={STEP_KEY: str(self.step), "base": self.settings.init})
         else:
-            weights.save(self.checkpoint_file, self.config, self.params, self.tokenizer,
+            weights.save(self.checkpoint_file + NEXT, self.config, self.params, self.tokenizer,
                          metadata={STEP_KEY: str(self.step)})
+        finish_checkpoint(self.directory)
         self.saved_step = self.step
+
+
+def finish_checkpoint(directory):
+    """Make the run's checkpoint whole after a save that may have been cut short (TrainingRun.save)."""
+    optimizer_next = os.path.join(directory, OPTIMIZER_FILE + NEXT)
+    model_next = [path for path in (os.path.join(directory, name + NEXT) for name in (MODEL_FILE, ADAPTERS_FILE))
+                  if os.path.exists(path)]
+    if model_next:  # both were written: the new checkpoint is complete
+        if os.path.exists(optimizer_next):
+            os.replace(optimizer_next, optimizer_next[:-len(NEXT)])
+        os.replace(model_next[0], model_next[0][:-len(NEXT)])
+    elif os.path.exists(optimizer_next):  # the model was not written: the previous checkpoint stands
+        os.remove(optimizer_next)
 
 
 def _identity(path):
@@ -306,7 +325,9 @@ class Checkpoint:
 
 
 def load_checkpoint(directory):
-    """The last checkpoint of a run directory."""
+    """The last checkpoint of a run directory (finished first, should its writing have been cut short)."""
+    if os.path.isdir(directory):
+        finish_checkpoint(directory)
     optimizer_path = os.path.join(directory, OPTIMIZER_FILE)
     if not os.path.isfile(optimizer_path):
         raise TrainError(f"{setting('resume')}: {directory} has no checkpoint ({OPTIMIZER_FILE} is missing)")
@@ -374,6 +395,7 @@ def start(directory, data_path=None, tokenizer=None, preset=None, model_settings
     made = not os.path.exists(directory)
     os.makedirs(directory, exist_ok=True)
     files.remove_leftovers(directory)  # of a run killed while writing
+    finish_checkpoint(directory)  # an old run's unfinished save must not complete the new run's first one
     try:
         return _start(directory, data_path or data.BUILTIN_CORPUS, tokenizer, preset, model_settings, settings)
     except BaseException:

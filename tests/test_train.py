@@ -1,6 +1,7 @@
 """Training: gradient accumulation, exact resume, the NaN guard, logs, and the train/eval CLI end to end."""
 import csv
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -454,3 +455,60 @@ def test_a_run_outlives_a_closed_pool(tmp_path, text_file):
     from npllama.runtime import parallel
     parallel.pool(3)  # another helper count: the pool the run used is closed
     assert run.train_step().step == 2
+
+
+@pytest.mark.parametrize("crash_at, resumes_at", [(0, 3), (1, 3), (2, 5), (3, 5)])
+def test_a_checkpoint_cut_short_anywhere_resumes_exactly(tmp_path, text_file, monkeypatch, crash_at, resumes_at):
+    """A save killed at any of its renames (the optimizer's, then the model's file renamed to NAME.next
+    as it is finished; then both renamed over the checkpoint) leaves a run that resumes exactly: from the
+    checkpoint before until the model's .next exists, from the new one after."""
+    straight = library_run(tmp_path / "straight", text_file)
+    assert train.run(straight) == "done"
+    cut = library_run(tmp_path / "cut", text_file)
+    assert train.run(cut, should_stop=lambda: cut.step == 3) == "interrupted"  # a whole checkpoint at 3
+
+    class Killed(BaseException):
+        pass
+    renames, real_replace = [], os.replace
+
+    def replace(source, target):
+        if len(renames) == crash_at:
+            raise Killed
+        renames.append(target)
+        real_replace(source, target)
+    run = train.resume(str(tmp_path / "cut"), max_iters=9)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        train.run(run, should_stop=lambda: run.step == 5)  # its save at step 5 is cut short
+    monkeypatch.setattr(os, "replace", real_replace)
+    resumed = train.resume(str(tmp_path / "cut"), max_iters=9)
+    assert resumed.step == resumes_at
+    assert train.run(resumed) == "done"
+    assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "straight")
+    assert not [name for name in os.listdir(tmp_path / "cut") if name.endswith((".next", ".tmp"))]
+
+
+def test_kill_9_at_random_moments_never_loses_the_run(tmp_path, text_file):
+    """`kill -9` a real `cli.py train` at random moments (a checkpoint every step, so some kills land
+    inside a save), resuming after each: the run always resumes and ends as the uninterrupted run."""
+    command = [sys.executable, "cli.py", "train", "--data", str(text_file), "--max-iters", "40", *TINY_FLAGS]
+    for flag, value in (("--eval-interval", "1"), ("--eval-iters", "1"), ("--sample-tokens", "0")):
+        command[command.index(flag) + 1] = value
+    straight = subprocess.run(command + ["--out", str(tmp_path / "straight")], cwd=ROOT, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    out, rng = tmp_path / "killed", random.Random(0)
+    resume = [sys.executable, "cli.py", "train", "--out", str(out), "--resume"]
+    killed = 0
+    for _ in range(8):
+        started = (out / train.OPTIMIZER_FILE).exists() or (out / (train.OPTIMIZER_FILE + train.NEXT)).exists()
+        process = subprocess.Popen(resume if started else command + ["--out", str(out), "--force"], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.8, 2.5))
+        process.kill()
+        _, stderr = process.communicate()
+        assert "Traceback" not in stderr, stderr
+        killed += process.returncode == -signal.SIGKILL
+    assert killed >= 4  # the premise: most attempts were killed mid-run, not after the run ended
+    final = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert logged_losses(out) == logged_losses(tmp_path / "straight")
