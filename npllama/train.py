@@ -21,6 +21,8 @@ A run directory holds:
     tokens-*.u16|u32        the tokenized data, reused by the next run (data.py)
 Each checkpoint file is written atomically and records its step; resuming refuses two that disagree.
 """
+import atexit
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -43,6 +45,7 @@ MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.safetensors"
 LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's checkpoint: the adapters alone
 NEXT = ".next"  # a checkpoint's files are written under NAME.next first (see TrainingRun.save)
+LOCK_FILE = "run.lock"  # the process id of the one process training in a run directory
 STEP_KEY, TRAIN_KEY = "npllama.train_step", "npllama.train"
 LOG_FIELDS = ["step", "lr", "loss", "grad_norm", "tokens_per_second", "elapsed_seconds", "train_loss", "val_loss"]
 DEFAULT_SHAPE = "shakespeare-char"  # nanoGPT's CPU recipe as a Llama; the vocabulary comes from the data
@@ -394,6 +397,7 @@ def start(directory, data_path=None, tokenizer=None, preset=None, model_settings
                          f"or {setting('force')} to start over")
     made = not os.path.exists(directory)
     os.makedirs(directory, exist_ok=True)
+    claim(directory)
     files.remove_leftovers(directory)  # of a run killed while writing
     finish_checkpoint(directory)  # an old run's unfinished save must not complete the new run's first one
     try:
@@ -445,6 +449,8 @@ def resume(directory, data_path=None, **changes):
     if fixed:
         raise TrainError(f"{setting('resume')} continues with the run's own settings; {setting(fixed[0])} cannot "
                          f"change (only {', '.join(setting(name) for name in RESUME_ADJUSTABLE)} can)")
+    if os.path.isdir(directory):
+        claim(directory)
     checkpoint = load_checkpoint(directory)
     files.remove_leftovers(directory)  # of the run, killed while writing
     state = checkpoint.state
@@ -460,12 +466,67 @@ def resume(directory, data_path=None, **changes):
                        checkpoint.base_params)
 
 
+def claim(directory):
+    """Make this process the only one training in directory, until run() returns or the process exits:
+    run.lock holds its id. A lock whose process is gone (killed) is taken over; one whose process
+    lives is refused."""
+    path = os.path.join(directory, LOCK_FILE)
+    while True:
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder == os.getpid():
+                return
+            if holder is not None and _alive(holder):
+                raise TrainError(f"{directory} is in use by another training run (process {holder}): one run "
+                                 "per directory at a time") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # its process is gone
+            continue
+        with os.fdopen(handle, "w") as file:
+            file.write(str(os.getpid()))
+        atexit.register(_release, path)
+        return
+
+
+def _lock_holder(path):
+    try:
+        with open(path) as file:
+            return int(file.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release(path):
+    if _lock_holder(path) == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 # ---- the loop ---------------------------------------------------------------------------------------
 def run(training, should_stop=lambda: False, on_step=lambda report: None, on_eval=lambda step, means, text: None):
     """Train until max_iters (or should_stop() turns true: then save and return 'interrupted').
     Evaluates, samples and saves every eval_interval steps and at the end; logs every step to log.csv.
     A non-finite loss, gradient or evaluation raises TrainError before anything is saved, so the last
-    checkpoint stays as it was."""
+    checkpoint stays as it was. The directory is free for another process once it returns."""
+    try:
+        return _steps(training, should_stop, on_step, on_eval)
+    finally:
+        _release(os.path.join(training.directory, LOCK_FILE))
+
+
+def _steps(training, should_stop, on_step, on_eval):
     log = _Log(os.path.join(training.directory, LOG_FILE), after_step=training.step)
     s = training.settings
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are caught below

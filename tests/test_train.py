@@ -512,3 +512,28 @@ def test_kill_9_at_random_moments_never_loses_the_run(tmp_path, text_file):
     final = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     assert logged_losses(out) == logged_losses(tmp_path / "straight")
+
+
+def test_one_run_per_directory_at_a_time(tmp_path, text_file):
+    """A second `train` into a directory another live process trains in is refused in one line; the lock
+    of a process that is gone (kill -9) is taken over."""
+    out = tmp_path / "busy"
+    command = [sys.executable, "cli.py", "train", "--data", str(text_file), "--max-iters", "100000", *TINY_FLAGS]
+    first = subprocess.Popen(command + ["--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out / train.OPTIMIZER_FILE).exists():
+            time.sleep(0.05)
+        assert (out / train.LOCK_FILE).read_text() == str(first.pid)
+        for second in (cli("train", "--out", out, "--resume"),
+                       cli("train", "--data", text_file, "--out", out, "--force", *TINY_FLAGS)):
+            assert_one_clear_line(second, f"{out} is in use by another training run (process {first.pid})")
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / train.LOCK_FILE).exists()  # a killed process leaves its lock ...
+    step = train.load_checkpoint(str(out)).state["step"]
+    resumed = cli("train", "--out", out, "--resume", "--max-iters", step + 1)
+    assert resumed.exit_code == 0, resumed.output  # ... which the next run takes over
+    assert not (out / train.LOCK_FILE).exists()
