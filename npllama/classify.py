@@ -302,8 +302,10 @@ class ClassifySettings:
                 raise ClassifyError(f"{setting(name)} must be at least 1, got {getattr(self, name)}")
         if self.context is not None and self.context < 2:
             raise ClassifyError(f"{setting('context')} must be at least 2, got {self.context}")
-        if not self.lr > 0 or self.lora_rank < 0:
-            raise ClassifyError(f"{setting('lr')} must be positive and {setting('lora_rank')} not negative")
+        if not 0 < self.lr < float("inf") or self.lora_rank < 0:
+            raise ClassifyError(f"{setting('lr')} must be a positive number and {setting('lora_rank')} not negative")
+        if self.seed < 0:
+            raise ClassifyError(f"{setting('seed')} must not be negative, got {self.seed}")
         if self.lora_alpha is not None and (not self.lora_alpha > 0 or not self.lora_rank):
             raise ClassifyError(f"{setting('lora_alpha')} scales LoRA adapters: it must be positive, with "
                                 f"{setting('lora_rank')}")

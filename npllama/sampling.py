@@ -25,6 +25,8 @@ class Sampler:
             raise GenerationError(f"top-k must be a positive integer, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise GenerationError(f"top-p must lie in (0, 1], got {top_p}")
+        if seed is not None and seed < 0:
+            raise GenerationError(f"the seed must not be negative, got {seed}")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.vocab_limit = vocab_limit  # ids from here on are never picked (rows past the tokenizer's)
         self.rng = np.random.default_rng(seed)

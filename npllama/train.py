@@ -106,11 +106,17 @@ class TrainSettings:
                 raise TrainError(f"{setting(name)} must be at least 1, got {getattr(self, name)}")
         if self.context is not None and self.context < 1:
             raise TrainError(f"{setting('context')} must be at least 1, got {self.context}")
-        for name in ("warmup", "sample_tokens", "weight_decay", "grad_clip", "min_lr"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise TrainError(f"{setting(name)} must be a finite number, got {getattr(self, name)}")
+        for name in ("warmup", "sample_tokens", "weight_decay", "grad_clip", "min_lr", "seed"):
             if getattr(self, name) < 0:
                 raise TrainError(f"{setting(name)} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:
             raise TrainError(f"{setting('lr')} must be positive, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise TrainError(f"{setting('min_lr')} {self.min_lr} is above {setting('lr')} {self.lr}: the learning "
+                             "rate decays from lr down to min_lr")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise TrainError(f"{setting(name)} must lie in [0, 1), got {getattr(self, name)}")

@@ -437,6 +437,27 @@ def test_settings_refuse_what_cannot_train(tmp_path):
             train.TrainSettings(**settings)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--min-lr", "nan"], "--min-lr must be a finite number, got nan"),
+    (["--min-lr", "inf"], "--min-lr must be a finite number, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number, got nan"),
+    (["--seed", "-1"], "--seed must not be negative, got -1"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 is above --lr 0.0001"),
+])
+def test_settings_that_cannot_train_are_one_line_and_leave_nothing(tmp_path, text_file, flags, message):
+    assert_one_clear_line(cli("train", "--data", text_file, "--out", tmp_path / "r", *TINY_FLAGS, *flags), message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_negative_seed_elsewhere_is_one_line(tmp_path):
+    from npllama.generation import GenerationError, generate
+    config = LlamaConfig.preset("tiny")
+    with pytest.raises(GenerationError, match="the seed must not be negative, got -1"):
+        generate(init_params(config), config, [1], 2, temperature=1.0, seed=-1)
+
+
 def test_a_lora_run_from_python_adapts_the_init_weights(tmp_path, text_file):
     base = library_run(tmp_path / "base", text_file, max_iters=2)
     train.run(base)
