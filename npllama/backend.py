@@ -43,9 +43,11 @@ def use(device="auto"):
     """Choose the device for arrays created from now on; returns the chosen name, 'cpu' or 'cuda'.
 
     'cuda' raises BackendError with a one-line reason when CuPy or a GPU is missing;
-    'auto' quietly falls back to the CPU.
+    'auto' is NPLLAMA_DEVICE's choice when it is set, else the GPU if there is one, quietly the CPU if not.
     """
     global _active
+    if device == "auto":
+        device = _environment_device()
     if device not in DEVICES:
         raise BackendError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     cupy, reason = (None, None) if device == "cpu" else _load_cupy()
@@ -58,9 +60,16 @@ def use(device="auto"):
     return "cuda"
 
 
+def _environment_device():
+    value = os.environ.get("NPLLAMA_DEVICE", "").strip().lower() or "auto"
+    if value not in DEVICES:
+        raise BackendError(f"NPLLAMA_DEVICE={value!r} is not a device; set it to one of {', '.join(DEVICES)}")
+    return value
+
+
 def _ensure_chosen():
     if _active is None:
-        use(os.environ.get("NPLLAMA_DEVICE", "auto").strip().lower() or "auto")
+        use("auto")
     return _active
 
 

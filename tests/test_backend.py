@@ -25,6 +25,7 @@ def test_cuda_without_cupy_is_one_clear_line(restore_backend, monkeypatch):
         backend.use("cuda")
     assert str(error.value) == ("--device cuda was asked for, but CuPy is not installed "
                                 "(pip install cupy-cuda12x, matching your CUDA)")
+    monkeypatch.delenv("NPLLAMA_DEVICE")
     assert backend.use("auto") == "cpu" and backend.xp() is np
 
 
@@ -32,6 +33,14 @@ def test_environment_variable_chooses(restore_backend, monkeypatch):
     monkeypatch.setenv("NPLLAMA_DEVICE", "CPU")
     backend._active = None
     assert backend.device() == "cpu"
+    assert backend.use("auto") == "cpu"  # what --device auto (the commands' default) leaves to it
+
+
+def test_an_unknown_device_in_the_environment_is_one_clear_line(restore_backend, monkeypatch):
+    monkeypatch.setenv("NPLLAMA_DEVICE", "tpu")
+    with pytest.raises(backend.BackendError, match="NPLLAMA_DEVICE='tpu' is not a device; set it to one of cpu, cuda, auto"):
+        backend.use("auto")
+    assert backend.use("cpu") == "cpu"  # an explicit choice does not ask the environment
 
 
 def test_array_module_and_moves(xp):
