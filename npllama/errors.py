@@ -33,3 +33,8 @@ class UserError(ValueError):
 
 class TokenizerError(UserError):
     """A tokenizer, text or id that cannot be used (here, below the io modules that raise it)."""
+
+
+class Notice(UserWarning):
+    """Something the user should know that is not an error (one line): issued with warnings.warn, shown
+    by the CLI as "Warning: ..." every time."""

@@ -31,12 +31,13 @@ import math
 import os
 import shutil
 import time
+import warnings
 
 import numpy as np
 
 from . import adamw, adapters, backend, data, generation, model
 from .config import LlamaConfig
-from .errors import UserError, setting
+from .errors import Notice, UserError, setting
 from .io import files, safetensors_file, weights
 from .ops.lm_head import IGNORE_INDEX
 from .runtime import cpu, parallel
@@ -406,12 +407,44 @@ def start(directory, data_path=None, tokenizer=None, preset=None, model_settings
     claim(directory)
     files.remove_leftovers(directory)  # of a run killed while writing
     finish_checkpoint(directory)  # an old run's unfinished save must not complete the new run's first one
+    moved = _move_aside(directory)
     try:
-        return _start(directory, data_path or data.BUILTIN_CORPUS, tokenizer, preset, model_settings, settings)
+        run = _start(directory, data_path or data.BUILTIN_CORPUS, tokenizer, preset, model_settings, settings)
+        if moved:
+            warnings.warn(f"{directory} held a run: its files are now in {moved}", RunWarning)
+        return run
     except BaseException:
         if made:
             shutil.rmtree(directory, ignore_errors=True)
+        elif moved:  # the new run did not start: the old one is back as it was
+            for name in os.listdir(moved):
+                os.replace(os.path.join(moved, name), os.path.join(directory, name))
+            os.rmdir(moved)
         raise
+
+
+RUN_FILES = (MODEL_FILE, OPTIMIZER_FILE, ADAPTERS_FILE, LOG_FILE, CURVES_FILE)
+
+
+def _move_aside(directory):
+    """A run started over (force) in a directory that holds one: the old run's files go to
+    DIR/previous-N (start says so once the new run has started), so that nothing of it is lost should
+    the new run fail."""
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(directory, name))]
+    if not present:
+        return None
+    number = 1
+    while os.path.exists(os.path.join(directory, f"previous-{number}")):
+        number += 1
+    aside = os.path.join(directory, f"previous-{number}")
+    os.mkdir(aside)
+    for name in present:
+        os.replace(os.path.join(directory, name), os.path.join(aside, name))
+    return aside
+
+
+class RunWarning(Notice):
+    """Something a run did that the user should know of (one line)."""
 
 
 def _start(directory, data_path, tokenizer_spec, preset, model_settings, settings):

@@ -309,6 +309,23 @@ def test_a_diverging_run_stops_with_one_line_and_saves_nothing_non_finite(tmp_pa
     assert not (tmp_path / "r" / train.MODEL_FILE).exists()  # the step-1 evaluation was not finite: no save
 
 
+def test_a_failed_force_never_damages_the_previous_run(tmp_path, text_file):
+    """--force over a run moves the run aside (said in one line): a new run that diverges leaves it whole,
+    and one that cannot start puts it back."""
+    out = tmp_path / "r"
+    assert cli("train", "--data", text_file, "--out", out, "--max-iters", 2, *TINY_FLAGS).exit_code == 0
+    before = {name: (out / name).read_bytes() for name in train.RUN_FILES if (out / name).exists()}
+    failed_start = cli("train", "--data", tmp_path / "missing.txt", "--out", out, "--force", *TINY_FLAGS)
+    assert failed_start.exit_code == 1 and "no such file" in failed_start.stderr
+    assert {name: (out / name).read_bytes() for name in before} == before and not (out / "previous-1").exists()
+    diverged = cli("train", "--data", text_file, "--out", out, "--force", "--max-iters", 50, "--lr", 1e39,
+                   "--grad-clip", 0, "--warmup", 0, *SHAPE_FLAGS, "--eval-interval", 1, "--eval-iters", 1)
+    assert diverged.exit_code == 1 and "became nan" in diverged.stderr
+    assert f"Warning: {out} held a run: its files are now in {out / 'previous-1'}" in diverged.stderr
+    assert {name: (out / "previous-1" / name).read_bytes() for name in before} == before
+    assert not (out / train.OPTIMIZER_FILE).exists()  # nothing of the failed run passes for a checkpoint
+
+
 def test_init_may_shorten_the_training_window(tmp_path, text_file):
     cli("train", "--data", text_file, "--out", tmp_path / "base", "--max-iters", 1, *TINY_FLAGS)
     result = cli("train", "--data", text_file, "--out", tmp_path / "tuned", "--init",
@@ -409,8 +426,9 @@ def test_resume_and_start_remove_what_a_killed_write_left(tmp_path, text_file):
     assert not any((tmp_path / "r" / name).exists() for name in leftovers)
     assert all((tmp_path / "r" / name).exists() for name in kept)
     (tmp_path / "r" / leftovers[0]).write_bytes(b"partial")
-    train.start(str(tmp_path / "r"), str(text_file), model_settings=MODEL_SETTINGS, force=True,
-                settings=train.TrainSettings(batch_size=4, max_iters=2))
+    with pytest.warns(train.RunWarning, match="held a run: its files are now in"):
+        train.start(str(tmp_path / "r"), str(text_file), model_settings=MODEL_SETTINGS, force=True,
+                    settings=train.TrainSettings(batch_size=4, max_iters=2))
     assert not (tmp_path / "r" / leftovers[0]).exists()
 
 

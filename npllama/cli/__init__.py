@@ -5,7 +5,7 @@ import warnings
 
 import click
 
-from ..errors import UserError
+from ..errors import Notice, UserError
 from ..runtime import cpu
 from . import classify, generate, models, train
 
@@ -22,6 +22,7 @@ class _Commands(click.Group):
     def invoke(self, ctx):
         cpu.keep_freed_memory()  # this process is the command's: arrays freed and made again are reused
         warnings.showwarning = _show_warning
+        warnings.simplefilter("always", Notice)  # each is about this command's files: say it every time
         try:
             return super().invoke(ctx)
         except UserError as error:  # bad input: one line ("Error: ..."), exit status 1, no traceback

@@ -7,7 +7,7 @@ import warnings
 
 from .. import backend, dtypes
 from ..config import ConfigError, LlamaConfig, parameter_shapes
-from ..errors import UserError
+from ..errors import Notice, UserError
 from . import safetensors_file, tokenizer as tokenizers
 
 
@@ -109,7 +109,7 @@ def tokenizer_settings(directory):
     return {name: value for name, value in settings.items() if value is not None}
 
 
-class TokenizerWarning(UserWarning):
+class TokenizerWarning(Notice):
     """A checkpoint read without a tokenizer that it may have wanted."""
 
 
