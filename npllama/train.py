@@ -42,7 +42,7 @@ from .io import files, safetensors_file, weights
 from .ops.lm_head import IGNORE_INDEX
 from .runtime import cpu, parallel
 
-MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.safetensors"
+MODEL_FILE, OPTIMIZER_FILE = weights.RUN_MODEL_FILE, "optimizer.safetensors"
 LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's checkpoint: the adapters alone
 NEXT = ".next"  # a checkpoint's files are written under NAME.next first (see TrainingRun.save)

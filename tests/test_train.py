@@ -576,3 +576,18 @@ def test_one_run_per_directory_at_a_time(tmp_path, text_file):
     resumed = cli("train", "--out", out, "--resume", "--max-iters", step + 1)
     assert resumed.exit_code == 0, resumed.output  # ... which the next run takes over
     assert not (out / train.LOCK_FILE).exists()
+
+
+def test_a_run_directory_is_taken_where_weights_are(tmp_path, text_file):
+    """generate, eval, info and export-* read a run directory's model.safetensors."""
+    out = tmp_path / "r"
+    assert cli("train", "--data", text_file, "--out", out, "--max-iters", 2, *TINY_FLAGS).exit_code == 0
+    model_file = out / train.MODEL_FILE
+    for args in (["info"], ["generate", "--prompt", "a", "-n", 3, "--seed", 1, "--temperature", 0.8, "--weights"],
+                 ["eval", "--data", text_file, "--weights"]):
+        from_directory, from_file = cli(*args, out), cli(*args, model_file)
+        assert from_directory.exit_code == 0, from_directory.output
+        assert from_directory.stdout.replace(str(model_file), "").replace(str(out), "") == \
+            from_file.stdout.replace(str(model_file), "")
+    assert cli("export-hf", out, tmp_path / "hf").exit_code == 0
+    assert_one_clear_line(cli("info", tmp_path), "needs config.json (HF), params.json (Meta) or model.safetensors")

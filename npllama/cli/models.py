@@ -51,7 +51,8 @@ def load_weights(source, out, tokenizer_path, dtype, force):
 @click.argument("weights_path", metavar="WEIGHTS")
 def info(weights_path):
     """Summarise a weights file or checkpoint: parameters, shape, dtype, tokenizer."""
-    on_disk = None if os.path.isdir(weights_path) else weights_path
+    on_disk = os.path.join(weights_path, weights.RUN_MODEL_FILE) if weights.detect(weights_path) == "run" else \
+        None if os.path.isdir(weights_path) else weights_path
     click.echo(weights.describe(*weights.load(weights_path), path=on_disk))
 
 

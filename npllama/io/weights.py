@@ -41,6 +41,7 @@ from .common import (LazyTensors, WeightsError, config_from_json, host_tensors, 
                      TokenizerWarning, read_safetensors, read_tokenizer, tokenizer_settings)
 
 FORMAT_VERSION = "1"
+RUN_MODEL_FILE = "model.safetensors"  # where a training run keeps its model (train.MODEL_FILE)
 CONFIG_KEY, TOKENIZER_KEY, VERSION_KEY = "npllama.config", "npllama.tokenizer", "npllama.version"
 
 
@@ -69,15 +70,16 @@ def load(path, tokenizer_path=None):
 
 
 def detect(path):
-    """Which source path is: 'npllama', 'hf', 'meta', 'gguf' or 'llama2c' (WeightsError when none)."""
+    """Which source path is: 'npllama', 'hf', 'meta', 'run' (a training run's directory), 'gguf' or
+    'llama2c' (WeightsError when none)."""
     if not os.path.exists(path):
         raise WeightsError(f"{path}: no such file or directory")
     if os.path.isdir(path):
-        for marker, kind in (("config.json", "hf"), ("params.json", "meta")):
+        for marker, kind in (("config.json", "hf"), ("params.json", "meta"), (RUN_MODEL_FILE, "run")):
             if os.path.isfile(os.path.join(path, marker)):
                 return kind
         raise WeightsError(f"{path}: unrecognised checkpoint layout: a directory needs config.json "
-                           "(HF) or params.json (Meta)")
+                           f"(HF), params.json (Meta) or {RUN_MODEL_FILE} (a training run's)")
     with open(path, "rb") as file:
         head = file.read(8)
     if head[:4] == b"GGUF":
@@ -231,7 +233,12 @@ def merge_adapters(params, adapters, scale):
     return merged
 
 
+def _read_run(directory):
+    """A training run's directory: its model file (an npllama weights file)."""
+    return _read_npllama(os.path.join(directory, RUN_MODEL_FILE))
+
+
 export_hf = hf.export
 export_gguf = gguf_file.export
-IMPORTERS = {"npllama": _read_npllama, "hf": hf.read, "meta": meta.read, "llama2c": llama2c.read,
+IMPORTERS = {"npllama": _read_npllama, "run": _read_run, "hf": hf.read, "meta": meta.read, "llama2c": llama2c.read,
              "gguf": gguf_file.read}
