@@ -491,6 +491,7 @@ def resume(directory, data_path=None, **changes):
     if os.path.isdir(directory):
         claim(directory)
     checkpoint = load_checkpoint(directory)
+    _read_log(os.path.join(directory, LOG_FILE))  # a damaged log is refused before anything runs
     files.remove_leftovers(directory)  # of the run, killed while writing
     state = checkpoint.state
     settings = dataclasses.replace(TrainSettings(**state["settings"]), **changes)
@@ -577,14 +578,16 @@ def _steps(training, should_stop, on_step, on_eval):
             _check_finite(training, {"the loss": report.loss, "the gradient norm": report.grad_norm}, report.step + 1)
             row = dataclasses.asdict(report)
             on_step(report)
-            if training.step % s.eval_interval == 0 or training.step == s.max_iters:
+            evaluating = training.step % s.eval_interval == 0 or training.step == s.max_iters
+            if evaluating:
                 means = training.evaluate()
                 _check_finite(training, {f"the mean {split} loss": value for split, value in means.items()
                                          if value is not None}, training.step)
                 row.update(train_loss=means["train"], val_loss=means["val"])
                 on_eval(training.step, means, training.sample())
+            log.write(row)  # before the save: on resume a row beyond the checkpoint is dropped, a lost one would stay lost
+            if evaluating:
                 training.save()
-            log.write(row)
     return "done"
 
 
@@ -598,15 +601,13 @@ def _check_finite(training, values, step):
 
 
 class _Log:
-    """log.csv, one row per step; rows after `after_step` (left by an interrupted run) are dropped."""
+    """log.csv, one row per step. Rows after `after_step` (left by an interrupted run) are dropped when a
+    run resumes; the log is rewritten as a whole (files.replacing), so a kill never loses it."""
 
     def __init__(self, path, after_step):
         self.path = path
-        kept = []
-        if os.path.exists(path):
-            with open(path, newline="") as file:
-                kept = [row for row in csv.DictReader(file) if int(row["step"]) <= after_step]
-        with open(path, "w", newline="") as file:
+        kept = [row for row in _read_log(path) if int(row["step"]) <= after_step]
+        with files.replacing(path) as temporary, open(temporary, "w", newline="") as file:
             writer = csv.DictWriter(file, LOG_FIELDS)
             writer.writeheader()
             writer.writerows(kept)
@@ -615,6 +616,28 @@ class _Log:
         with open(self.path, "a", newline="") as file:
             csv.DictWriter(file, LOG_FIELDS).writerow({key: "" if row.get(key) is None else row[key]
                                                        for key in LOG_FIELDS})
+
+
+def _read_log(path):
+    """The rows of a run's log.csv ([] when there is none). A last line without its newline (a write cut
+    short) is left out; anything else that is not a row of LOG_FIELDS with an integer step is an error."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            lines = file.read().splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        reader = csv.DictReader(lines, strict=True)
+        rows = list(reader)
+        if reader.fieldnames != LOG_FIELDS:
+            raise ValueError(f"its columns are not {','.join(LOG_FIELDS)}")
+        for number, row in enumerate(rows, start=2):
+            if None in row or None in row.values() or not row["step"].isdigit():
+                raise ValueError(f"line {number} is not a row of the log")
+    except (UnicodeDecodeError, csv.Error, ValueError) as error:
+        raise TrainError(f"{path} is damaged ({error}); move it aside to go on with a new log") from None
+    return rows
 
 
 def plot_curves(directory):
@@ -626,8 +649,7 @@ def plot_curves(directory):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    with open(os.path.join(directory, LOG_FILE), newline="") as file:
-        rows = list(csv.DictReader(file))
+    rows = _read_log(os.path.join(directory, LOG_FILE))
     figure, axes = plt.subplots(figsize=(8, 5))
     axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.6, alpha=0.5,
               label="train (batch)")

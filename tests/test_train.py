@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from npllama.cli import main
 from npllama import LlamaConfig, backend, init_params, loss_and_grads, model, train
-from npllama.io import safetensors_file, weights
+from npllama.io import files, safetensors_file, weights
 from npllama.io.tokenizer import CharTokenizer
 from tests.conftest import ROOT
 
@@ -511,6 +511,8 @@ def test_a_checkpoint_cut_short_anywhere_resumes_exactly(tmp_path, text_file, mo
     renames, real_replace = [], os.replace
 
     def replace(source, target):
+        if os.path.basename(target) == train.LOG_FILE:
+            return real_replace(source, target)
         if len(renames) == crash_at:
             raise Killed
         renames.append(target)
@@ -527,27 +529,80 @@ def test_a_checkpoint_cut_short_anywhere_resumes_exactly(tmp_path, text_file, mo
     assert not [name for name in os.listdir(tmp_path / "cut") if name.endswith((".next", ".tmp"))]
 
 
+def logged_rows(directory):
+    try:
+        with open(os.path.join(directory, train.LOG_FILE)) as file:
+            return sum(1 for _ in file)
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (b"\xff\xfe not text\n", "is damaged ('utf-8' codec can't decode"),
+    (b"step,loss\n1,3.2\n", "is damaged (its columns are not step,lr,"),
+    (b"\n".join([",".join(train.LOG_FIELDS).encode(), b"one,2,3,4,5,6,7,8", b""]), "is damaged (line 2 is not a row"),
+    (b"\n".join([",".join(train.LOG_FIELDS).encode(), b"1,2,3", b""]), "is damaged (line 2 is not a row"),
+])
+def test_a_damaged_log_is_one_line_on_resume_and_is_kept(tmp_path, text_file, damage, fragment):
+    run = library_run(tmp_path / "run", text_file)
+    assert train.run(run, should_stop=lambda: run.step == 3) == "interrupted"
+    log = tmp_path / "run" / train.LOG_FILE
+    log.write_bytes(damage)
+    assert_one_clear_line(cli("train", "--out", tmp_path / "run", "--resume"), f"{log} {fragment}")
+    assert log.read_bytes() == damage
+
+
+def test_a_log_row_cut_short_is_dropped_on_resume(tmp_path, text_file):
+    """A kill inside a log row's write leaves a last line without its newline: resuming drops it and the
+    run ends as the uninterrupted one."""
+    straight = library_run(tmp_path / "straight", text_file)
+    assert train.run(straight) == "done"
+    run = library_run(tmp_path / "cut", text_file)
+    assert train.run(run, should_stop=lambda: run.step == 3) == "interrupted"
+    with open(tmp_path / "cut" / train.LOG_FILE, "a") as log:
+        log.write("4,0.0003,3.1")
+    resumed = train.resume(str(tmp_path / "cut"))
+    assert train.run(resumed) == "done"
+    assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "straight")
+
+
+def saving(directory):
+    """Whether a checkpoint is being written in directory: a .next file or a temporary file exists."""
+    return any(name.endswith((train.NEXT, files.TEMPORARY_SUFFIX)) for name in os.listdir(directory))
+
+
 def test_kill_9_at_random_moments_never_loses_the_run(tmp_path, text_file):
-    """`kill -9` a real `cli.py train` at random moments (a checkpoint every step, so some kills land
-    inside a save), resuming after each: the run always resumes and ends as the uninterrupted run."""
-    command = [sys.executable, "cli.py", "train", "--data", str(text_file), "--max-iters", "40", *TINY_FLAGS]
+    """`kill -9` a real `cli.py train` 20 times (a checkpoint every step), resuming after each: the run
+    always resumes and ends as the uninterrupted run. Each kill waits for 1-3 more logged steps, then half
+    the kills wait 0-60 ms and half until a save is under way, so kills land mid-run and inside saves on a
+    fast or a slow machine."""
+    command = [sys.executable, "cli.py", "train", "--data", str(text_file), "--max-iters", "100", *TINY_FLAGS]
     for flag, value in (("--eval-interval", "1"), ("--eval-iters", "1"), ("--sample-tokens", "0")):
         command[command.index(flag) + 1] = value
     straight = subprocess.run(command + ["--out", str(tmp_path / "straight")], cwd=ROOT, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
     out, rng = tmp_path / "killed", random.Random(0)
     resume = [sys.executable, "cli.py", "train", "--out", str(out), "--resume"]
-    killed = 0
-    for _ in range(8):
+    inside_a_save = 0
+    for attempt in range(20):
         started = (out / train.OPTIMIZER_FILE).exists() or (out / (train.OPTIMIZER_FILE + train.NEXT)).exists()
+        kill_after_rows = logged_rows(out) + rng.randint(1, 3)
         process = subprocess.Popen(resume if started else command + ["--out", str(out), "--force"], cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(0.8, 2.5))
+        deadline = time.time() + 60
+        while process.poll() is None and logged_rows(out) < kill_after_rows and time.time() < deadline:
+            time.sleep(0.005)
+        if attempt % 2:
+            time.sleep(rng.uniform(0, 0.06))
+        else:
+            while process.poll() is None and not saving(out) and time.time() < deadline:
+                pass
         process.kill()
         _, stderr = process.communicate()
         assert "Traceback" not in stderr, stderr
-        killed += process.returncode == -signal.SIGKILL
-    assert killed >= 4  # the premise: most attempts were killed mid-run, not after the run ended
+        assert process.returncode == -signal.SIGKILL, stderr  # killed mid-run, not after the run ended
+        inside_a_save += saving(out)
+    assert inside_a_save >= 5, inside_a_save  # the premise: kills cut checkpoints short
     final = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     assert logged_losses(out) == logged_losses(tmp_path / "straight")
