@@ -196,3 +196,12 @@ def human_count(n):
         return str(n)
     exponent = min(int(math.log10(n) // 3), 4)
     return f"{n / 1000 ** exponent:.3g}{' KMBT'[exponent]}"
+
+
+def human_bytes(size):
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.4g} {unit}"
+        size /= 1024
+    return f"{size:.4g} TiB"

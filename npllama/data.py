@@ -364,6 +364,12 @@ def random_batch(ids, batch_size, context, rng):
     return ids[positions].astype(np.int64), ids[positions + 1].astype(np.int64)
 
 
+def sequential_batch_count(n_ids, context, batch_size=1):
+    """How many batches sequential_windows yields for n_ids ids."""
+    windows = -(-max(n_ids - 1, 0) // context)
+    return -(-windows // batch_size)
+
+
 def sequential_windows(ids, context, batch_size=1):
     """Every prediction of ids exactly once, for evaluating a whole split: yields (x, y) int64 arrays
     (b, context) with b <= batch_size. Window i holds x = ids[iT : iT + T], y = ids[iT + 1 : iT + T + 1]

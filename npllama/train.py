@@ -36,7 +36,7 @@ import warnings
 import numpy as np
 
 from . import adamw, adapters, backend, data, generation, model
-from .config import LlamaConfig
+from .config import LlamaConfig, block_param_name, human_bytes, parameter_shapes
 from .errors import Notice, UserError, setting
 from .io import files, safetensors_file, weights
 from .ops.lm_head import IGNORE_INDEX
@@ -134,6 +134,51 @@ class TrainSettings:
             raise TrainError(f"{setting('lora_rank')} trains adapters on a pretrained model: give its weights "
                              f"with {setting('init')}")
         adapters.check_targets(self.lora_targets)
+
+
+def memory_needed(config, settings):
+    """Bytes a run holds at its peak, by part: an estimate from the shapes alone, so that a run too
+    large for the machine is refused before it allocates anything. With s bytes per value, P the
+    model's parameters, Pₜ the trained ones (P, or a LoRA run's adapters) and W the workers:
+        weights       P·s, twice when W > 1 (the shard pool's shared copy)
+        gradients     Pₜ·s·W      every worker sums its shard's gradients in its own buffer
+        moments       2·Pₜ·s      AdamW's m and v
+        activations   B·T·(L·(6D + 3Dₖᵥ + 4F + H·T + 2) + 2V + D)·s + W·L·D·(D + 2Dₖᵥ)·s
+    The activations are what one micro-batch of B windows of T tokens keeps for the backward pass: per
+    layer and token the block's input and its mid-block sum, the normed inputs of attention and MLP
+    (and their RMS), q (and k, rotated), copies of k and v, the heads' attention probabilities, the
+    attention output, the MLP's four F-wide intermediates (gate, up, SiLU(gate), their product); then
+    the head's input, logits and probabilities; and each worker's fused copy of the q/k/v weights."""
+    s = 8 if settings.dtype == "fp64" else 4
+    d, f, layers, heads = (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                           config.num_attention_heads)
+    kv = config.num_key_value_heads * config.head_dim
+    batch, time = settings.batch_size, settings.context or config.max_position_embeddings
+    workers = min(settings.workers, batch)
+    total = config.num_parameters()
+    trained = _adapter_parameters(config, settings) if settings.lora_rank else total
+    per_token = layers * (6 * d + 3 * kv + 4 * f + heads * time + 2) + 2 * config.vocab_size + d
+    return {"weights": total * s * (2 if workers > 1 else 1), "gradients": trained * s * workers,
+            "AdamW moments": 2 * trained * s,
+            "activations": (batch * time * per_token + workers * layers * d * (d + 2 * kv)) * s}
+
+
+def _adapter_parameters(config, settings):
+    shapes = parameter_shapes(config)
+    return sum(settings.lora_rank * sum(shapes[block_param_name(layer, target)])
+               for layer in range(config.num_hidden_layers) for target in settings.lora_targets)
+
+
+def check_memory(config, settings, held=0):
+    """Refuse a run that needs more memory than the device has free (memory_needed), with the figures;
+    `held`: bytes of it already allocated (a resumed run's checkpoint)."""
+    parts, available = memory_needed(config, settings), backend.free_memory()
+    if sum(parts.values()) > available + held:
+        detail = ", ".join(f"{name} {human_bytes(size)}" for name, size in parts.items())
+        raise TrainError(f"this run needs about {human_bytes(sum(parts.values()))} ({detail}) but "
+                         f"{human_bytes(available)} are free on the {backend.device().upper()}; use a smaller "
+                         f"{setting('batch_size')} (with {setting('grad_accum')} for as many tokens per step), "
+                         f"{setting('context')} or model, or fewer {setting('workers')}")
 
 
 @dataclasses.dataclass
@@ -454,12 +499,14 @@ def _start(directory, data_path, tokenizer_spec, preset, model_settings, setting
         config, params, tokenizer = weights.load(init)
         if tokenizer is None:
             raise TrainError(f"{init} has no tokenizer to read the data with")
+        check_memory(config, settings)
     else:
         tokenizer = data.make_tokenizer(tokenizer_spec or "char", text, directory)
         fields = {**LlamaConfig.preset(preset or DEFAULT_SHAPE).to_dict(), **model_settings}
         if "num_attention_heads" in model_settings and "num_key_value_heads" not in model_settings:
             fields["num_key_value_heads"] = model_settings["num_attention_heads"]
         config = LlamaConfig.from_dict({**fields, "vocab_size": tokenizer.vocab_size})
+        check_memory(config, settings)
         params = model.init_params(config, seed=settings.seed)
     ids, info = _read_data(text, data_path, tokenizer, directory,
                            f"the tokenizer of {init}" if init else "the tokenizer")
@@ -497,6 +544,8 @@ def resume(directory, data_path=None, **changes):
     settings = dataclasses.replace(TrainSettings(**state["settings"]), **changes)
     if settings.max_iters < state["step"]:
         raise TrainError(f"{setting('max_iters')} {settings.max_iters} is below the run's step {state['step']}")
+    loaded = [checkpoint.params, checkpoint.base_params or {}, checkpoint.optimizer.m, checkpoint.optimizer.v]
+    check_memory(checkpoint.config, settings, held=sum(array.nbytes for arrays in loaded for array in arrays.values()))
     data_path = data_path or state["data"]["path"]
     ids, info = _read_data(data.read_text(data_path), data_path, checkpoint.tokenizer, directory)
     if info["sha256"] != state["data"]["sha256"]:
@@ -668,12 +717,14 @@ def plot_curves(directory):
     return path
 
 
-def evaluate_ids(params, config, ids, batch_size=8):
+def evaluate_ids(params, config, ids, batch_size=8, on_batch=lambda: None):
     """Mean loss over a whole token stream, each token after the first predicted once, in batches of
-    windows of the model's context. Returns (mean loss, number of predicted tokens)."""
+    windows of the model's context (data.sequential_batch_count of them, on_batch() called after each).
+    Returns (mean loss, number of predicted tokens)."""
     total, count = 0.0, 0
     for tokens, targets in data.sequential_windows(ids, config.max_position_embeddings, batch_size):
         n = int((targets != -100).sum())
         total += model.loss(params, config, tokens, targets) * n
         count += n
+        on_batch()
     return total / count, count

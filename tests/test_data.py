@@ -443,8 +443,9 @@ def test_random_batch_resumes_from_the_rng_state():
                                                     (17, 4, 3), (100, 7, 4), (100, 99, 2), (100, 200, 2)])
 def test_sequential_windows_count_every_token_after_the_first_once(n, context, batch_size):
     ids = np.arange(1000, 1000 + n, dtype=np.uint16)
-    inputs, targets = [], []
+    inputs, targets, batches = [], [], 0
     for x, y in data.sequential_windows(ids, context, batch_size):
+        batches += 1
         assert x.dtype == y.dtype == np.int64
         assert x.shape == y.shape and x.shape[1] == context and 1 <= x.shape[0] <= batch_size
         valid = y != -100
@@ -456,3 +457,4 @@ def test_sequential_windows_count_every_token_after_the_first_once(n, context, b
         targets.extend(y[valid].tolist())
     assert targets == ids[1:].tolist()
     assert inputs == ids[:-1].tolist()
+    assert data.sequential_batch_count(n, context, batch_size) == batches

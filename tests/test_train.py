@@ -1,5 +1,6 @@
 """Training: gradient accumulation, exact resume, the NaN guard, logs, and the train/eval CLI end to end."""
 import csv
+import math
 import os
 import random
 import signal
@@ -131,6 +132,11 @@ def test_train_generate_eval_end_to_end(tmp_path, text_file):
     assert result.exit_code == 0, result.output
     assert "step 5: train loss" in result.stdout and "step 10: train loss" in result.stdout
     assert "done: step 10" in result.stdout
+    assert [line.split("  ")[0] for line in result.stderr.splitlines() if line.startswith("training: step")] == \
+        [f"training: step {step}/10 ({10 * step}%)" for step in range(1, 11)]  # stderr is no terminal here
+    assert result.stdout.endswith(f"next:\n  python3 cli.py generate --weights {out} --prompt 'First Citizen:'  "
+                                  f"# sample from it\n  python3 cli.py train --out {out} --resume --max-iters 20  "
+                                  "# train longer\n")
     assert [step for step, _, _ in logged_losses(out)] == list(range(1, 11))
     assert [step for step, _, val in logged_losses(out) if val] == [5, 10]
     curves = out / train.CURVES_FILE
@@ -147,6 +153,8 @@ def test_train_generate_eval_end_to_end(tmp_path, text_file):
     mean, count = train.evaluate_ids(model.trainable(params), config, tokenizer.encode(TEXT))
     assert count == len(TEXT) - 1
     assert evaluated.stdout == f"loss {mean:.4f} nats/token, perplexity {np.exp(mean):.3f}, over {count:,} tokens\n"
+    batches = math.ceil(math.ceil(count / 16) / 8)  # windows of the context (16), 8 to a batch
+    assert f"evaluating: batch {batches}/{batches} (100%)" in evaluated.stderr
 
 
 def test_without_matplotlib_a_run_notes_the_missing_curves(tmp_path, text_file, monkeypatch):
@@ -301,10 +309,8 @@ def test_samples_start_from_the_data_when_the_vocabulary_has_no_newline(tmp_path
 def test_a_diverging_run_stops_with_one_line_and_saves_nothing_non_finite(tmp_path, text_file):
     result = cli("train", "--data", text_file, "--out", tmp_path / "r", "--max-iters", 50, "--lr", 1e39,
                  "--grad-clip", 0, "--warmup", 0, *SHAPE_FLAGS, "--eval-interval", 1, "--eval-iters", 1)
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[:-1] == ["training"]  # the progress bar's label (no terminal here), then one line
-    assert lines[-1].startswith("Error: the mean train loss became nan at step 1") and "--lr" in lines[-1]
+    assert_one_clear_line(result, "Error: the mean train loss became nan at step 1")
+    assert "--lr" in result.stderr
     assert "Warning" not in result.stderr
     assert not (tmp_path / "r" / train.MODEL_FILE).exists()  # the step-1 evaluation was not finite: no save
 
@@ -585,7 +591,8 @@ def test_kill_9_at_random_moments_never_loses_the_run(tmp_path, text_file):
     resume = [sys.executable, "cli.py", "train", "--out", str(out), "--resume"]
     inside_a_save = 0
     for attempt in range(20):
-        started = (out / train.OPTIMIZER_FILE).exists() or (out / (train.OPTIMIZER_FILE + train.NEXT)).exists()
+        # a whole checkpoint: optimizer.safetensors, or the model's .next (written last, see TrainingRun.save)
+        started = (out / train.OPTIMIZER_FILE).exists() or (out / (train.MODEL_FILE + train.NEXT)).exists()
         kill_after_rows = logged_rows(out) + rng.randint(1, 3)
         process = subprocess.Popen(resume if started else command + ["--out", str(out), "--force"], cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -646,3 +653,51 @@ def test_a_run_directory_is_taken_where_weights_are(tmp_path, text_file):
             from_file.stdout.replace(str(model_file), "")
     assert cli("export-hf", out, tmp_path / "hf").exit_code == 0
     assert_one_clear_line(cli("info", tmp_path), "needs config.json (HF), params.json (Meta) or model.safetensors")
+
+
+# ---- memory: the need estimated before a run allocates it ------------------------------------------------
+def _new_bytes(value, seen):
+    """Bytes of the arrays in a nest of caches (NamedTuples, tuples, lists) not in `seen` (by base)."""
+    if isinstance(value, np.ndarray):
+        base = value
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        if id(base) in seen:
+            return 0
+        seen.add(id(base))
+        return base.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(_new_bytes(item, seen) for item in value)
+    return 0
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])  # MHA (q and k kept rotated together); GQA (q grouped apart)
+def test_the_activation_estimate_matches_what_the_forward_keeps(kv_heads):
+    """memory_needed's activations against the bytes of the arrays a micro-batch's forward really keeps
+    for backward (block caches, the head's cache, and the logits beside the probabilities)."""
+    from npllama.ops import lm_head
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=kv_heads, max_position_embeddings=48)
+    settings = train.TrainSettings(batch_size=3, workers=1)
+    params = init_params(config)
+    weights = model.Weights(params, config)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (3, 48))
+    h, caches = model.run_stack(weights, tokens, keep_caches=True)
+    _, head_cache = lm_head.forward(h, weights.head, tokens)
+    seen = {id(array) for array in params.values()}
+    kept = _new_bytes(caches.blocks, seen) + _new_bytes(head_cache, seen) + tokens.size * config.vocab_size * 4
+    estimate = train.memory_needed(config, settings)
+    assert abs(estimate["activations"] - kept) < 0.05 * kept, (estimate["activations"], kept)
+    assert estimate["weights"] == sum(array.nbytes for array in params.values())
+    assert estimate["AdamW moments"] == 2 * estimate["weights"]
+
+
+def test_a_run_too_large_for_memory_is_refused_before_it_allocates(tmp_path, text_file, monkeypatch):
+    monkeypatch.setattr(backend, "free_memory", lambda: 50 << 20)
+    result = cli("train", "--data", text_file, "--out", tmp_path / "big", "--max-iters", 1, *RUN_FLAGS,
+                 "--preset", "stories110M")
+    assert_one_clear_line(result, "this run needs about ")
+    assert "50 MiB are free on the CPU; use a smaller --batch-size" in result.stderr
+    assert not (tmp_path / "big").exists()
+    small = cli("train", "--data", text_file, "--out", tmp_path / "small", "--max-iters", 1, *TINY_FLAGS)
+    assert small.exit_code == 0, small.output

@@ -2,6 +2,7 @@
 and telling flags the user gave from defaults."""
 import dataclasses
 import os
+import sys
 
 import click
 
@@ -33,3 +34,8 @@ def refuse_to_overwrite(path, force):
         raise click.ClickException(f"{path} is a directory, not a file to write")
     if os.path.exists(path) and not force:
         raise click.ClickException(f"{path} exists; pass --force to overwrite it")
+
+
+def program():
+    """How the user started this program, for the commands we suggest: `npllama` or `python3 cli.py`."""
+    return "npllama" if os.path.basename(sys.argv[0]) == "npllama" else "python3 cli.py"

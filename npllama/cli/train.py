@@ -1,15 +1,17 @@
 """The train and eval commands: flags in, train.start / train.resume / train.run called, progress out."""
 import math
 import os
+import shlex
 import signal
 import sys
 
 import click
 
 from .. import adapters, backend, data, model, train as training
-from ..config import PRESETS, human_count
+from ..config import PRESETS, human_bytes, human_count
 from ..io import weights
-from .common import default, device_option, given, setting_option
+from .common import default, device_option, given, program, setting_option
+from .progress import Progress
 
 # flag -> the LlamaConfig field it sets for a new model
 MODEL_FLAGS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
@@ -102,7 +104,8 @@ def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force,
                    f"{', '.join(run.settings.lora_targets)}: {human_count(trained)} trained parameters")
     click.echo(f"{out}: {human_count(run.config.num_parameters())} parameters, {run.tokenizer.describe()}, "
                f"{len(run.train_ids):,} training and {len(run.val_ids):,} validation tokens; "
-               f"step {run.step} of {run.settings.max_iters}; {run.settings.workers} worker(s); {backend.describe()}")
+               f"step {run.step} of {run.settings.max_iters}; {run.settings.workers} worker(s); {backend.describe()}; "
+               f"memory about {human_bytes(sum(training.memory_needed(run.config, run.settings).values()))}")
     _train_with_progress(run, out)
 
 
@@ -129,8 +132,7 @@ def _train_with_progress(run, out):
     previous = {number: signal.signal(number, on_interrupt) for number in STOP_SIGNALS}
 
     def show(report):
-        return "" if report is None else \
-            f"loss {report.loss:.4f}  lr {report.lr:.2e}  {report.tokens_per_second:,.0f} tok/s"
+        return f"loss {report.loss:.4f}  lr {report.lr:.2e}  {report.tokens_per_second:,.0f} tok/s"
 
     def on_eval(step, means, sample):
         val = "n/a" if means["val"] is None else f"{means['val']:.4f}"
@@ -139,20 +141,24 @@ def _train_with_progress(run, out):
             click.echo("  " + sample.strip().replace("\n", "\n  "))
 
     try:
-        with click.progressbar(length=run.settings.max_iters - run.step, label="training", file=sys.stderr,
-                               item_show_func=show, show_eta=True) as bar:
-            outcome = training.run(run, should_stop=lambda: bool(interrupted),
-                                   on_step=lambda report: bar.update(1, report), on_eval=on_eval)
+        with Progress(run.settings.max_iters, "training", "step", start=run.step, describe=show) as progress:
+            outcome = training.run(run, should_stop=lambda: bool(interrupted), on_step=progress.update,
+                                   on_eval=on_eval)
     finally:
         _restore(previous)
     if outcome == "interrupted":
         click.echo(f"interrupted at step {run.step}: checkpoint saved; continue with "
-                   f"`python cli.py train --out {out} --resume`", err=True)
+                   f"`{program()} train --out {shlex.quote(out)} --resume`", err=True)
         sys.exit(128 + interrupted[0])
     curves = training.plot_curves(out)
     click.echo(f"done: step {run.step}; wrote {run.checkpoint_file} and {os.path.join(out, training.LOG_FILE)}")
     click.echo(f"wrote {curves}" if curves else "matplotlib is not installed: no curves.png "
                "(pip install matplotlib); the losses are in log.csv")
+    quoted = shlex.quote(out)
+    opening = run.tokenizer.decode([int(i) for i in run.train_ids[:16]]).strip().split("\n")[0][:24]
+    click.echo(f"next:\n  {program()} generate --weights {quoted} --prompt {shlex.quote(opening or 'The')}"
+               f"  # sample from it\n"
+               f"  {program()} train --out {quoted} --resume --max-iters {2 * run.settings.max_iters}  # train longer")
 
 
 def _restore(handlers):
@@ -176,7 +182,9 @@ def eval_command(weights_path, data_path, batch_size, device):
     ids = tokenizer.encode(text, special=False)
     if len(ids) < 2:
         raise click.ClickException(f"{data_path} holds {len(ids)} token(s): nothing to predict")
-    mean, count = training.evaluate_ids(model.trainable(params), config, ids, batch_size)
+    batches = data.sequential_batch_count(len(ids), config.max_position_embeddings, batch_size)
+    with Progress(batches, "evaluating", "batch") as progress:
+        mean, count = training.evaluate_ids(model.trainable(params), config, ids, batch_size, progress.update)
     click.echo(f"loss {mean:.4f} nats/token, perplexity {math.exp(mean):.3f}, over {count:,} tokens")
 
 
