@@ -121,7 +121,8 @@ def pad(sequences, pad_id=0):
 
 
 # ---- zero-shot ------------------------------------------------------------------------------------------
-def zero_shot_scores(params, config, tokenizer, texts, label_names, batch_size=16, context=None):
+def zero_shot_scores(params, config, tokenizer, texts, label_names, batch_size=16, context=None,
+                     on_batch=lambda done, total: None):
     """(N, C) log-probabilities of each label name completing each text's prompt. A sequence longer
     than context (default: the model's) loses the start of its text, keeping BOS and the label."""
     context = min(context or config.max_position_embeddings, config.max_position_embeddings)
@@ -138,7 +139,8 @@ def zero_shot_scores(params, config, tokenizer, texts, label_names, batch_size=1
             pairs.append((full, max(first - cut, 1)))
     computed = model.Weights(params, config)
     scores = []
-    for start in range(0, len(pairs), batch_size):
+    batches = range(0, len(pairs), batch_size)
+    for done, start in enumerate(batches, start=1):
         chunk = pairs[start:start + batch_size]
         tokens, _ = pad([sequence for sequence, _ in chunk])
         h = model.run_stack(computed, model.check_tokens(tokens, config))[0]
@@ -147,6 +149,7 @@ def zero_shot_scores(params, config, tokenizer, texts, label_names, batch_size=1
             logits = backend.to_host(model.logits(computed, h[row, positions - 1])).astype(np.float64)
             log_probs = cross_entropy.log_softmax(logits)
             scores.append(log_probs[np.arange(len(positions)), np.array(sequence)[positions]].sum())
+        on_batch(done, len(batches))
     return np.array(scores).reshape(len(texts), len(label_names))
 
 
@@ -214,7 +217,8 @@ class Finetuned:
 
 
 def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, batch_size=16, lora_rank=0,
-             lora_alpha=None, seed=0, weight_decay=0.0, workers=1, on_epoch=lambda epoch, accuracy: None):
+             lora_alpha=None, seed=0, weight_decay=0.0, workers=1, on_epoch=lambda epoch, accuracy: None,
+             on_batch=lambda epoch, done, total: None):
     """Train a head (and the model, or LoRA adapters of rank lora_rank on q and v) on train_set
     [(label, ids)], keeping the epoch with the best dev accuracy. params: writable device arrays.
     Each batch is cut into `workers` shards, their gradients summed across workers (runtime/parallel.py)."""
@@ -234,12 +238,14 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
     accuracies = []
     for epoch in range(epochs):
         order = rng.permutation(len(train_set))
-        for start in range(0, len(order), batch_size):
+        batches = range(0, len(order), batch_size)
+        for done, start in enumerate(batches, start=1):
             batch = [train_set[i] for i in order[start:start + batch_size]]
             shards = [[batch[i] for i in rows] for rows in np.array_split(np.arange(len(batch)), min(workers, len(batch)))]
             tasks = [(config, scale, shard, len(shard) / len(batch)) for shard in shards]
             _, grads = seam.run(shard_loss_and_grads, arrays, tasks, list(trained_arrays))
             optimizer.step(trained_arrays, grads)
+            on_batch(epoch + 1, done, len(batches))
         model_params = adapters.with_adapters({**params, **trained}, scale)
         accuracy = accuracy_of(predict(model_params, config, head, [ids for _, ids in dev_set], batch_size),
                                [label for label, _ in dev_set])
@@ -253,13 +259,15 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
     return Finetuned(best_params, best_head, accuracies, int(np.argmax(accuracies)) + 1)
 
 
-def predict(params, config, head, sequences, batch_size=16):
+def predict(params, config, head, sequences, batch_size=16, on_batch=lambda done, total: None):
     """The predicted label index of each token sequence."""
     predictions = []
-    for start in range(0, len(sequences), batch_size):
+    batches = range(0, len(sequences), batch_size)
+    for done, start in enumerate(batches, start=1):
         tokens, lengths = pad(sequences[start:start + batch_size])
         logits = last_hidden(params, config, tokens, lengths) @ head["weight"].T + head["bias"]
         predictions.extend(int(i) for i in backend.to_host(logits.argmax(axis=-1)))
+        on_batch(done, len(batches))
     return predictions
 
 
@@ -331,15 +339,20 @@ class Classification:
 
 def run(weights_path, label_names_path, dev_path, train_path=None, test_path=None, settings=None,
         dev_out=None, test_out=None, on_ready=lambda examples, baseline: None,
-        on_epoch=lambda epoch, accuracy: None):
+        on_epoch=lambda epoch, accuracy: None, on_progress=lambda stage, done, total: None):
     """Classify the dev (and test) texts with the model in weights_path, zero-shot or after fine-tuning
     on train_path (ClassifySettings); write each split's predictions, one label index per line, to
     dev_out and test_out when given. on_ready(dev examples, majority-class baseline) is called once the
-    data and the model are read; on_epoch(epoch, dev accuracy) after each fine-tuning epoch."""
+    data and the model are read; on_epoch(epoch, dev accuracy) after each fine-tuning epoch;
+    on_progress(stage, batches done, batches in the stage) after each batch of work, stages being
+    e.g. 'scoring dev', 'epoch 2', 'predicting test'."""
     settings = settings or ClassifySettings()
     cpu.keep_freed_memory()  # a run's process: activation-sized arrays are freed and made again every step
     if settings.mode == "finetune" and not train_path:
         raise ClassifyError(f"{setting('mode')} finetune needs {setting('train')} examples")
+    for flag, out in (("dev_out", dev_out), ("test_out", test_out)):
+        if out and os.path.isdir(out):
+            raise ClassifyError(f"{setting(flag)} {out} is a directory; give the file to write the predictions to")
     names = read_label_names(label_names_path)
     paths = {"train": train_path, "dev": dev_path, "test": test_path}
     examples = {split: read_examples(path, names, labels_required=split != "test")
@@ -357,16 +370,20 @@ def run(weights_path, label_names_path, dev_path, train_path=None, test_path=Non
     best_epoch = None
     if settings.mode == "zero-shot":
         predictions = {split: zero_shot_scores(params, config, tokenizer, [text for _, text in rows], names,
-                                               settings.batch_size, window).argmax(axis=1).tolist()
+                                               settings.batch_size, window,
+                                               lambda done, total: on_progress(f"scoring {split}", done, total)
+                                               ).argmax(axis=1).tolist()
                        for split, rows in examples.items()}
     else:
         encoded = {split: [(label, encode(tokenizer, text, window)) for label, text in rows]
                    for split, rows in examples.items()}
         tuned = finetune(params, config, encoded["train"], encoded["dev"], len(names), settings.epochs, settings.lr,
                          settings.batch_size, settings.lora_rank, settings.lora_alpha, settings.seed,
-                         workers=settings.workers, on_epoch=on_epoch)
+                         workers=settings.workers, on_epoch=on_epoch,
+                         on_batch=lambda epoch, done, total: on_progress(f"epoch {epoch}", done, total))
         best_epoch = tuned.best_epoch
-        predictions = {split: predict(tuned.params, config, tuned.head, [ids for _, ids in rows], settings.batch_size)
+        predictions = {split: predict(tuned.params, config, tuned.head, [ids for _, ids in rows], settings.batch_size,
+                                      lambda done, total: on_progress(f"predicting {split}", done, total))
                        for split, rows in encoded.items() if split != "train"}
     for split, out in (("dev", dev_out), ("test", test_out)):
         if out and split in predictions:

@@ -153,6 +153,8 @@ def test_cli_zero_shot(tiny_classifier_files, tmp_path):
     predictions = (tmp_path / "d.txt").read_text().split()
     assert len(predictions) == 12 and set(predictions) <= {"0", "1"}
     assert len((tmp_path / "t.txt").read_text().split()) == 8
+    progress = [line.split(" (")[0] for line in result.stderr.splitlines() if "batch" in line]
+    assert progress[-2:] == ["scoring dev: batch 2/2", "scoring test: batch 1/1"]  # 12 and 8 texts × 2 labels
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora-rank", "2"]], ids=["whole model", "lora"])
@@ -170,6 +172,7 @@ def test_cli_finetune(tiny_classifier_files, tmp_path, extra):
     dev = float(next(line for line in lines if line.startswith("dev accuracy")).split()[2])
     assert dev == max(epochs)  # the kept epoch's model predicts the dev set
     assert len((tmp_path / "t.txt").read_text().split()) == 8
+    assert "epoch 2: batch 3/3 (100%)" in result.stderr and "predicting test: batch 1/1 (100%)" in result.stderr
 
 
 def test_cli_bad_inputs(tiny_classifier_files, tmp_path):
@@ -193,6 +196,8 @@ def test_cli_bad_inputs(tiny_classifier_files, tmp_path):
     (tmp_path / "digit.txt").write_text("² ||| a superscript is not an index\n")
     assert_one_clear_line(classify_cli(files, "--mode", "finetune", "--train", tmp_path / "digit.txt"),
                           "label '²' is not one of the 2 labels")
+    assert_one_clear_line(classify_cli(files, "--mode", "zero-shot", "--dev-out", tmp_path),
+                          f"--dev-out {tmp_path} is a directory; give the file to write the predictions to")
 
 
 def test_cli_notes_placeholder_test_labels(tiny_classifier_files, tmp_path):

@@ -3,6 +3,7 @@ import click
 
 from .. import backend, classify
 from .common import device_option, given, setting_option
+from .progress import Stages
 
 SETTINGS = classify.ClassifySettings
 FINETUNE_ONLY = ("train_path", "lora_rank", "lora_alpha", "epochs", "lr", "seed", "workers")
@@ -44,11 +45,16 @@ def classify_command(ctx, weights_path, train_path, dev_path, test_path, label_n
             raise click.ClickException(f"--{finetune_flags[0].replace('_path', '').replace('_', '-')} is for "
                                        "--mode finetune")
     backend.use(device)
-    result = classify.run(weights_path, label_names_path, dev_path, train_path, test_path, SETTINGS(**settings),
-                          dev_out, test_out,
-                          on_ready=lambda examples, baseline: click.echo(
-                              f"dev: {examples} examples, majority-class baseline {baseline:.3f}"),
-                          on_epoch=lambda epoch, accuracy: click.echo(f"epoch {epoch}: dev accuracy {accuracy:.3f}"))
+    stages = Stages()
+    try:
+        result = classify.run(weights_path, label_names_path, dev_path, train_path, test_path, SETTINGS(**settings),
+                              dev_out, test_out,
+                              on_ready=lambda examples, baseline: click.echo(
+                                  f"dev: {examples} examples, majority-class baseline {baseline:.3f}"),
+                              on_epoch=lambda epoch, accuracy: click.echo(f"epoch {epoch}: dev accuracy {accuracy:.3f}"),
+                              on_progress=stages)
+    finally:
+        stages.close()
     if result.best_epoch is not None:
         click.echo(f"best epoch {result.best_epoch}")
     names = classify.read_label_names(label_names_path)

@@ -75,3 +75,24 @@ class Progress:
         if self.bar is not None:
             line = "\n" + line  # below the bar, which redraws itself on the next update
         click.echo(line, file=self.stream)
+
+
+class Stages:
+    """Progress of work in named stages, fed as on_progress(stage, done, total): a Progress for each
+    stage, closed when the stage is done or the next begins. Call close() when the work ends."""
+
+    def __init__(self, unit="batch"):
+        self.unit, self.stage, self.progress = unit, None, None
+
+    def __call__(self, stage, done, total):
+        if stage != self.stage:
+            self.close()
+            self.stage, self.progress = stage, Progress(total, stage, self.unit).__enter__()
+        self.progress.update()
+        if done == total:
+            self.close()
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+        self.stage, self.progress = None, None
