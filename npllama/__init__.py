@@ -1,6 +1,8 @@
 """npllama: LLaMA with every forward and backward pass written out as array math (NumPy or CuPy).
 
 The public API; runs (train.start, train.resume, classify.run) are in their modules."""
+__version__ = "0.3.0"
+
 from .adamw import AdamW
 from .conversation import ChatSession, chat
 from .config import LlamaConfig

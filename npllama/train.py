@@ -690,14 +690,10 @@ def _read_log(path):
 
 
 def plot_curves(directory):
-    """curves.png from log.csv: training loss per step, and the evaluations. Returns its path, or None
-    when matplotlib is not installed (an optional dependency)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    """curves.png from log.csv: training loss per step, and the evaluations. Returns its path."""
+    import matplotlib  # here, not above: only the end of a run pays for importing it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     rows = _read_log(os.path.join(directory, LOG_FILE))
     figure, axes = plt.subplots(figsize=(8, 5))
     axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.6, alpha=0.5,

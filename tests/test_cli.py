@@ -34,3 +34,25 @@ def test_the_installed_command_and_package(tmp_path):
     imported = subprocess.run([sys.executable, "-c", "import npllama; print(npllama.LlamaConfig.__module__)"],
                               cwd=tmp_path, capture_output=True, text=True)
     assert imported.returncode == 0 and imported.stdout.strip() == "npllama.config", imported.stderr
+
+
+def test_version_and_usage_errors_are_one_line():
+    from npllama import __version__
+    assert CliRunner().invoke(main, ["--version"]).output == f"npllama, version {__version__}\n"
+    for args, message in ((["trian"], "Error: No such command 'trian'. Did you mean 'train'? (see `python3 cli.py "
+                                      "--help`)"),
+                          (["eval", "--bogus"], "Error: No such option '--bogus'"),
+                          (["eval", "-m", "/no/such/model", "--data", "x"], "Error: Invalid value for '-m' / "
+                                                                            "'--weights': Path '/no/such/model' "
+                                                                            "does not exist.")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1, \
+            result.stderr
+
+
+def test_every_flag_says_what_it_does():
+    import click
+    for name, command in main.commands.items():
+        for parameter in command.params:
+            if isinstance(parameter, click.Option):
+                assert parameter.help, f"{name} {parameter.opts[-1]} has no help"

@@ -139,13 +139,12 @@ def test_train_generate_eval_end_to_end(tmp_path, text_file):
                                   "# train longer\n")
     assert [step for step, _, _ in logged_losses(out)] == list(range(1, 11))
     assert [step for step, _, val in logged_losses(out) if val] == [5, 10]
-    curves = out / train.CURVES_FILE
-    assert curves.exists() or "matplotlib is not installed" in result.stdout
+    assert (out / train.CURVES_FILE).stat().st_size > 10_000
 
     config, params, tokenizer = weights.load(str(out / train.MODEL_FILE))
     assert tokenizer.vocab_size == len(set(TEXT)) == config.vocab_size
     generated = cli("generate", "--weights", out / train.MODEL_FILE, "--prompt", "First", "-n", 8,
-                    "--device", os.environ.get("NPLLAMA_DEVICE", "cpu"))
+                    "--device", os.environ.get("NPLLAMA_DEVICE", "cpu"), "--temperature", 0)
     assert generated.exit_code == 0 and generated.stdout.startswith("First") and len(generated.stdout) == 5 + 8 + 1
 
     evaluated = cli("eval", "--weights", out / train.MODEL_FILE, "--data", text_file)
@@ -155,14 +154,6 @@ def test_train_generate_eval_end_to_end(tmp_path, text_file):
     assert evaluated.stdout == f"loss {mean:.4f} nats/token, perplexity {np.exp(mean):.3f}, over {count:,} tokens\n"
     batches = math.ceil(math.ceil(count / 16) / 8)  # windows of the context (16), 8 to a batch
     assert f"evaluating: batch {batches}/{batches} (100%)" in evaluated.stderr
-
-
-def test_without_matplotlib_a_run_notes_the_missing_curves(tmp_path, text_file, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail as if not installed
-    result = cli("train", "--data", text_file, "--out", tmp_path / "run", "--max-iters", 2, *TINY_FLAGS)
-    assert result.exit_code == 0, result.output
-    assert "matplotlib is not installed: no curves.png" in result.stdout
-    assert train.plot_curves(tmp_path / "run") is None and not (tmp_path / "run" / train.CURVES_FILE).exists()
 
 
 def test_train_without_data_uses_the_builtin_corpus(tmp_path):
@@ -213,7 +204,7 @@ def test_ctrl_c_or_sigterm_saves_and_resume_continues_exactly(tmp_path, text_fil
 
 # ---- bad input ------------------------------------------------------------------------------------------
 def test_missing_data_file(tmp_path):
-    assert_one_clear_line(cli("train", "--data", tmp_path / "nope.txt", "--out", tmp_path / "r"), "no such file")
+    assert_one_clear_line(cli("train", "--data", tmp_path / "nope.txt", "--out", tmp_path / "r"), f"{tmp_path / 'nope.txt'}' does not exist")
 
 
 def test_empty_data_file(tmp_path):
@@ -247,7 +238,8 @@ def test_resume_refuses_settings_that_change_the_updates(tmp_path, text_file):
                                         ("--val-fraction", 1.0), ("--lr", 0), ("--context", 0)])
 def test_out_of_range_flags(tmp_path, text_file, flag, value):
     result = cli("train", "--data", text_file, "--out", tmp_path / "r", flag, value)
-    assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.stderr
+    assert result.exit_code == 2 and result.stderr.startswith(f"Error: Invalid value for '{flag}'")
+    assert result.stderr.endswith(" (see `python3 cli.py train --help`)\n") and result.stderr.count("\n") == 1
     assert not (tmp_path / "r").exists()
 
 
@@ -321,8 +313,9 @@ def test_a_failed_force_never_damages_the_previous_run(tmp_path, text_file):
     out = tmp_path / "r"
     assert cli("train", "--data", text_file, "--out", out, "--max-iters", 2, *TINY_FLAGS).exit_code == 0
     before = {name: (out / name).read_bytes() for name in train.RUN_FILES if (out / name).exists()}
-    failed_start = cli("train", "--data", tmp_path / "missing.txt", "--out", out, "--force", *TINY_FLAGS)
-    assert failed_start.exit_code == 1 and "no such file" in failed_start.stderr
+    (tmp_path / "empty.txt").write_text("")
+    failed_start = cli("train", "--data", tmp_path / "empty.txt", "--out", out, "--force", *TINY_FLAGS)
+    assert failed_start.exit_code == 1 and "empty" in failed_start.stderr
     assert {name: (out / name).read_bytes() for name in before} == before and not (out / "previous-1").exists()
     diverged = cli("train", "--data", text_file, "--out", out, "--force", "--max-iters", 50, "--lr", 1e39,
                    "--grad-clip", 0, "--warmup", 0, *SHAPE_FLAGS, "--eval-interval", 1, "--eval-iters", 1)

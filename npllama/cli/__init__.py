@@ -5,9 +5,11 @@ import warnings
 
 import click
 
+from .. import __version__
 from ..errors import Notice, UserError
 from ..runtime import cpu
 from . import classify, generate, models, train
+from .common import program
 
 # Settings the library names in its messages whose flag is not simply --name-with-dashes: the model's.
 FLAGS = {field: "--" + flag.replace("_", "-") for flag, field in train.MODEL_FLAGS.items()}
@@ -27,8 +29,15 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except UserError as error:  # bad input: one line ("Error: ..."), exit status 1, no traceback
             raise click.ClickException(error.message(flag)) from None
+        except click.UsageError as error:  # a flag's value or name: one line too, pointing to the help
+            command = " ".join([program(), *(error.ctx or ctx).command_path.split()[1:]])
+            raise _UsageError(f"{error.format_message()} (see `{command} --help`)") from None
         except OSError as error:  # unreadable files, full disks: the system's reason is the message
             raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")) from None
+
+
+class _UsageError(click.ClickException):
+    exit_code = 2  # as click's own usage errors
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -37,6 +46,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="npllama")
 def main():
     """npllama: LLaMA in NumPy/CuPy with every forward and backward pass written out.
 

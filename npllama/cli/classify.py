@@ -14,25 +14,27 @@ def _setting(name, kind, **options):
 
 
 @click.command("classify")
-@click.option("--weights", "weights_path", required=True, help="A weights file or HF checkpoint directory.")
-@click.option("--mode", type=click.Choice(classify.MODES), required=True)
-@click.option("--train", "train_path", help="Training examples, `label ||| text` lines (finetune).")
-@click.option("--dev", "dev_path", required=True, help="Development examples: accuracy each epoch, best epoch kept.")
-@click.option("--test", "test_path", help="Test examples (accuracy printed when they carry labels).")
-@click.option("--label-names", "label_names_path", required=True, help="A JSON list of the label names.")
+@click.option("-m", "--weights", "weights_path", required=True, type=click.Path(exists=True),
+              help="An npllama weights file, a run directory, an HF or Meta directory, a GGUF or llama2.c file.")
+@click.option("--mode", type=click.Choice(classify.MODES), required=True, help="zero-shot: score each label name "
+              "as the text's continuation; finetune: train a head (and the model, or LoRA adapters) on --train.")
+@click.option("--train", "train_path", type=click.Path(exists=True, dir_okay=False), help="Training examples, `label ||| text` lines (finetune).")
+@click.option("--dev", "dev_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Development examples: accuracy each epoch, best epoch kept.")
+@click.option("--test", "test_path", type=click.Path(exists=True, dir_okay=False), help="Test examples (accuracy printed when they carry labels).")
+@click.option("--label-names", "label_names_path", required=True, type=click.Path(exists=True, dir_okay=False), help="A JSON list of the label names.")
 @_setting("lora_rank", click.IntRange(min=0), help="Finetune LoRA adapters (on q and v) of this rank instead of "
           "every weight.")
 @click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), help="Default: the rank.")
-@_setting("epochs", click.IntRange(min=1))
-@_setting("lr", click.FloatRange(min=0, min_open=True))
-@_setting("batch_size", click.IntRange(min=1))
+@_setting("epochs", click.IntRange(min=1), help="Passes over --train (finetune).")
+@_setting("lr", click.FloatRange(min=0, min_open=True), help="AdamW's learning rate, constant (finetune).")
+@_setting("batch_size", click.IntRange(min=1), help="Texts per forward pass.")
 @click.option("--context", type=click.IntRange(min=2), help="Tokens kept per text (its end). Default: the model's.")
-@_setting("seed", int)
+@_setting("seed", int, help="Seed of the head's and adapters' initial weights and the examples' order (finetune).")
 @click.option("--workers", type=click.IntRange(min=1), help="Shards per batch, their gradients summed across "
               "workers (processes on the CPU's cores). Default: NPLLAMA_WORKERS when set, else the usable "
               "cores (1 on a GPU).")
-@click.option("--dev-out", help="Write the dev predictions here, one label index per line.")
-@click.option("--test-out", help="Write the test predictions here, one label index per line.")
+@click.option("--dev-out", type=click.Path(), help="Write the dev predictions here, one label index per line.")
+@click.option("--test-out", type=click.Path(), help="Write the test predictions here, one label index per line.")
 @device_option
 @click.pass_context
 def classify_command(ctx, weights_path, train_path, dev_path, test_path, label_names_path, dev_out, test_out, device,

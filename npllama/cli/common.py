@@ -10,7 +10,9 @@ from .. import backend
 
 
 def device_option(function):
-    return click.option("--device", type=click.Choice(backend.DEVICES), default="auto", show_default=True)(function)
+    return click.option("--device", type=click.Choice(backend.DEVICES), default="auto", show_default=True,
+                        help="Where the arrays live. auto: NPLLAMA_DEVICE when it is set, else the GPU when CuPy "
+                             "finds one, else the CPU.")(function)
 
 
 def default(settings_class, name):

@@ -37,38 +37,42 @@ def _setting(name, kind, **options):
 
 
 @click.command("train")
-@click.option("--data", "data_path", help="A UTF-8 text file. Default: the built-in corpus, "
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), help="A UTF-8 text file. Default: the built-in corpus, "
               "npllama/corpus/shakespeare-sample.txt (about 100 KB of Shakespeare, no download).")
-@click.option("--out", help="The run directory (checkpoints, log.csv, curves.png). Default: runs/DATA-NAME.")
+@click.option("--out", type=click.Path(), help="The run directory (checkpoints, log.csv, curves.png). Default: runs/DATA-NAME.")
 @click.option("--tokenizer", "tokenizer_spec", help="char (default for a new model), bpe:N (train a SentencePiece "
               "BPE of N pieces on the data) or PATH.model. With --init, the model's own.")
-@click.option("--init", "init_path", help="Start from these weights (a weights file or HF directory): continued "
+@click.option("--init", "init_path", type=click.Path(exists=True), help="Start from these weights (a weights file or HF directory): continued "
               "pre-training or fine-tuning with the model's tokenizer.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
 @click.option("--force", is_flag=True, help="Start a new run in --out even if one is there (overwrites it).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), help=f"Model shape (default {training.DEFAULT_SHAPE}'s, "
               "with the vocabulary of the tokenizer).")
-@click.option("--dim", type=click.IntRange(min=2), help="Hidden size.")
-@click.option("--n-layers", type=click.IntRange(min=1))
-@click.option("--n-heads", type=click.IntRange(min=1))
+@click.option("--dim", type=click.IntRange(min=2), help="Hidden size (values per token).")
+@click.option("--n-layers", type=click.IntRange(min=1), help="Transformer blocks.")
+@click.option("--n-heads", type=click.IntRange(min=1), help="Attention heads (each of --dim / --n-heads values).")
 @click.option("--n-kv-heads", type=click.IntRange(min=1), help="Key/value heads (GQA); default --n-heads.")
 @click.option("--hidden", type=click.IntRange(min=1), help="SwiGLU intermediate size.")
-@click.option("--context", type=click.IntRange(min=1), help="Context length (tokens per training window).")
+@click.option("--context", type=click.IntRange(min=1), help="Context length in tokens (one training window).")
 @click.option("--tied/--untied", default=None, help="Share the embedding with the output head.")
-@_setting("batch_size", click.IntRange(min=1))
+@_setting("batch_size", click.IntRange(min=1), help="Windows of --context tokens per micro-batch.")
 @_setting("grad_accum", click.IntRange(min=1), help="Micro-batches per optimizer step.")
-@_setting("max_iters", click.IntRange(min=1))
-@_setting("lr", click.FloatRange(min=0, min_open=True))
-@_setting("min_lr", click.FloatRange(min=0))
-@_setting("warmup", click.IntRange(min=0))
-@_setting("weight_decay", click.FloatRange(min=0))
-@_setting("beta1", click.FloatRange(0, 1, max_open=True))
-@_setting("beta2", click.FloatRange(0, 1, max_open=True))
-@_setting("grad_clip", click.FloatRange(min=0), help="0 disables.")
-@_setting("eval_interval", click.IntRange(min=1))
-@_setting("eval_iters", click.IntRange(min=1))
+@_setting("max_iters", click.IntRange(min=1), help="Optimizer steps: the run's last step.")
+@_setting("lr", click.FloatRange(min=0, min_open=True), help="Peak learning rate, reached after --warmup steps, "
+          "then cosine-decayed to --min-lr at --max-iters.")
+@_setting("min_lr", click.FloatRange(min=0), help="Learning rate at the end of the decay.")
+@_setting("warmup", click.IntRange(min=0), help="Steps of linear warm-up from 0 to --lr.")
+@_setting("weight_decay", click.FloatRange(min=0), help="AdamW's decoupled decay of the matrices, per unit of "
+          "learning rate.")
+@_setting("beta1", click.FloatRange(0, 1, max_open=True), help="AdamW's decay of the gradient's running mean.")
+@_setting("beta2", click.FloatRange(0, 1, max_open=True), help="AdamW's decay of the squared gradient's running mean.")
+@_setting("grad_clip", click.FloatRange(min=0), help="Largest global gradient norm (larger ones are scaled "
+          "down to it); 0 disables.")
+@_setting("eval_interval", click.IntRange(min=1), help="Steps between evaluations; each also saves a checkpoint "
+          "and prints a sample.")
+@_setting("eval_iters", click.IntRange(min=1), help="Batches averaged per split at each evaluation.")
 @_setting("val_fraction", click.FloatRange(0, 1, max_open=True), help="The last part of the data kept for validation.")
-@_setting("seed", int)
+@_setting("seed", int, help="Seed of the initial weights, the batches' order and the samples.")
 @_setting("sample_tokens", click.IntRange(min=0), help="Tokens generated at each evaluation.")
 @device_option
 @_setting("dtype", click.Choice(["fp32", "fp64"]), help="Parameters and optimizer state.")
@@ -150,10 +154,8 @@ def _train_with_progress(run, out):
         click.echo(f"interrupted at step {run.step}: checkpoint saved; continue with "
                    f"`{program()} train --out {shlex.quote(out)} --resume`", err=True)
         sys.exit(128 + interrupted[0])
-    curves = training.plot_curves(out)
-    click.echo(f"done: step {run.step}; wrote {run.checkpoint_file} and {os.path.join(out, training.LOG_FILE)}")
-    click.echo(f"wrote {curves}" if curves else "matplotlib is not installed: no curves.png "
-               "(pip install matplotlib); the losses are in log.csv")
+    click.echo(f"done: step {run.step}; wrote {run.checkpoint_file}, {os.path.join(out, training.LOG_FILE)} and "
+               f"{training.plot_curves(out)}")
     quoted = shlex.quote(out)
     opening = run.tokenizer.decode([int(i) for i in run.train_ids[:16]]).strip().split("\n")[0][:24]
     click.echo(f"next:\n  {program()} generate --weights {quoted} --prompt {shlex.quote(opening or 'The')}"
@@ -167,9 +169,12 @@ def _restore(handlers):
 
 
 @click.command("eval")
-@click.option("--weights", "weights_path", required=True, help="A weights file or HF checkpoint directory.")
-@click.option("--data", "data_path", required=True, help="A UTF-8 text file.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("-m", "--weights", "weights_path", required=True, type=click.Path(exists=True),
+              help="An npllama weights file, a run directory, an HF or Meta directory, a GGUF or llama2.c file.")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A UTF-8 text file.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows of the model's context per forward pass.")
 @device_option
 def eval_command(weights_path, data_path, batch_size, device):
     """Mean loss and perplexity of a model over a whole text file (with the model's tokenizer)."""
