@@ -1,10 +1,10 @@
 """Greedy decoding speed: tokens per second of npllama's KV-cache decoder (and, with --torch, of HF
 transformers' greedy generate on the same weights and threads).
 
-    python bench/decode.py                                  # stories15M shape, 256 new tokens, CPU
-    python bench/decode.py --torch                          # and HF transformers for comparison
-    python bench/decode.py --weights weights/7b.safetensors --new-tokens 128 --device cuda
-    python bench/decode.py --preset smollm-135m --gguf q8_0 --torch   # read from a GGUF file of that type
+    python3 bench/decode.py                                  # stories15M shape, 256 new tokens, CPU
+    python3 bench/decode.py --torch                          # and HF transformers for comparison
+    python3 bench/decode.py --weights weights/7b.safetensors --new-tokens 128 --device cuda
+    python3 bench/decode.py --preset smollm-135m --gguf q8_0 --torch   # read from a GGUF file of that type
 
 Random weights (std 0.02) of a preset's shape unless --weights names a file; the prompt is
 --prompt-tokens ids drawn at random after BOS. EOS is ignored so every run makes --new-tokens tokens.

@@ -1,12 +1,12 @@
 """Peak memory and speed of generating with a Llama-2-7B-shaped float16 weights file on the CPU.
 
-    python bench/memory_7b.py                      # writes weights/llama2-7b-random-fp16.safetensors once
-    python bench/memory_7b.py --new-tokens 8
+    python3 bench/memory_7b.py                      # writes weights/llama2-7b-random-fp16.safetensors once
+    python3 bench/memory_7b.py --new-tokens 8
 
 Makes (once) a 13.5 GB npllama weights file of the llama2-7b preset's shape with random float16
 weights (std 0.02; windows of one random pool, so writing it takes a minute, not ten), with the Llama 2
 tokenizer from ../shared/data embedded when it is there; then runs
-    /usr/bin/time -v python cli.py generate --weights FILE --prompt ... -n N --device cpu
+    /usr/bin/time -v python3 cli.py generate --weights FILE --prompt ... -n N --device cpu
 and prints its summary line, the peak resident set size and the wall time. The file is git-ignored:
 never commit it. Delete it when done (it is 13.5 GB).
 """

@@ -1,9 +1,9 @@
 """Time one training step (forward + backward, and the full step with clipping and AdamW) of npllama
 and, with --torch, of HF transformers.
 
-    python bench/train_step.py                                   # nanoGPT's CPU recipe as a Llama
-    python bench/train_step.py --preset stories15M --batch-size 8 --seq-len 256
-    python bench/train_step.py --torch                           # also HF LlamaForCausalLM (torch eager)
+    python3 bench/train_step.py                                   # nanoGPT's CPU recipe as a Llama
+    python3 bench/train_step.py --preset stories15M --batch-size 8 --seq-len 256
+    python3 bench/train_step.py --torch                           # also HF LlamaForCausalLM (torch eager)
 
 Prints the median ms per step and tokens/s over --steps timed steps (after --warmup), and the spread
 (fastest and slowest). npllama's step is the trainer's own (train.py): the batch cut into --threads

@@ -1,13 +1,13 @@
 """The quality reference: the same training recipe run with HF transformers' LlamaForCausalLM in torch
 (for comparison only; torch is never an npllama dependency).
 
-    python bench/train_torch_reference.py                       # tinyshakespeare, char, nanoGPT's CPU recipe
-    python bench/train_torch_reference.py --seed 1 --init npllama
+    python3 bench/train_torch_reference.py                       # tinyshakespeare, char, nanoGPT's CPU recipe
+    python3 bench/train_torch_reference.py --seed 1 --init npllama
 
 Same data, tokenizer, split, batches (npllama's data.random_batch with the same seed: the same windows
 in the same order as `cli.py train`), schedule, AdamW settings (decay on matrices only) and clipping as
 
-    python cli.py train --data ../shared/data/tinyshakespeare.txt --tokenizer char --dim 128 --n-layers 4 \\
+    python3 cli.py train --data ../shared/data/tinyshakespeare.txt --tokenizer char --dim 128 --n-layers 4 \\
         --n-heads 4 --hidden 384 --context 64 --batch-size 12 --max-iters 2000 --lr 1e-3 --min-lr 1e-4 \\
         --warmup 100 --beta1 0.9 --beta2 0.99 --weight-decay 0.1 --grad-clip 1.0 --eval-interval 2000
 

@@ -1,5 +1,5 @@
 """npllama's command line: one module per group of commands, each parsing flags, calling the library and
-printing. No math and no run logic live here. `npllama COMMAND` (installed) and `python cli.py COMMAND`
+printing. No math and no run logic live here. `npllama COMMAND` (installed) and `python3 cli.py COMMAND`
 (from a checkout) are the same program."""
 import warnings
 
@@ -50,7 +50,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main():
     """npllama: LLaMA in NumPy/CuPy with every forward and backward pass written out.
 
-    Run `npllama COMMAND --help` (or `python cli.py COMMAND --help`) for a command's options."""
+    Run `npllama COMMAND --help` (or `python3 cli.py COMMAND --help`) for a command's options."""
 
 
 for module in (models, generate, train, classify):
