@@ -1,6 +1,7 @@
 """CLI tests for load-weights, info, export-hf and generate, on the tiny random model of
 tests/fixtures/import (HF, Meta and llama2.c forms, with HF's greedy continuation in expected.npz) and
 on llama2.c's pretrained stories260K.bin (no tokenizer, context 512). Torch-free and fast."""
+import csv
 import json
 import os
 import re
@@ -15,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from npllama.cli import main
-from npllama import backend, dtypes
-from npllama.io import safetensors_file, weights
+from npllama import LlamaConfig, backend, dtypes
+from npllama.io import run_files, safetensors_file, weights
 from npllama.generation import generate
 from npllama.io.tokenizer import SentencePieceTokenizer
 from tests.conftest import ROOT
@@ -170,6 +171,76 @@ def test_info_on_a_file_and_on_an_hf_directory(model_file):
     assert summary_fields(on_dir)["parameters"].startswith("43,168 (")
 
 
+# ---- info on what a training run leaves ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 6-step run from scratch (base) and a 6-step LoRA run on its model (lora), both through the CLI."""
+    from tests.test_train import RUN_FLAGS, TEXT, TINY_FLAGS
+    root = tmp_path_factory.mktemp("runs")
+    (root / "input.txt").write_text(TEXT)
+    ok(cli("train", "--data", root / "input.txt", "--out", root / "base", "--max-iters", 6, *TINY_FLAGS))
+    ok(cli("train", "--data", root / "input.txt", "--out", root / "lora", "--max-iters", 6, "--init",
+           root / "base" / run_files.MODEL_FILE, "--lora-rank", 2, "--lora-alpha", 4, *RUN_FLAGS))
+    return root
+
+
+def logged_losses(directory, step):
+    """What info should say of log.csv up to step, read here with the csv module."""
+    rows = [row for row in csv.DictReader(open(directory / run_files.LOG_FILE)) if int(row["step"]) <= step]
+    last_eval = [row for row in rows if row["val_loss"]][-1]
+    return (f"batch {float(rows[-1]['loss']):.4f} at step {rows[-1]['step']}; evaluated at step {last_eval['step']}: "
+            f"train {float(last_eval['train_loss']):.4f}, validation {float(last_eval['val_loss']):.4f}")
+
+
+def test_info_on_a_run_shows_its_step_losses_and_settings(runs):
+    base = runs / "base"
+    with open(base / run_files.LOG_FILE, "a") as log:  # rows past the checkpoint (an interrupted run's) are not its
+        log.write("7,0.0001,9.5,1.0,100,1.0,9.25,9.75\n")
+    on_directory = summary_fields(ok(cli("info", base)).stdout)
+    assert on_directory["parameters"].startswith("3,664 (")
+    assert on_directory["training"].startswith("step 6 after ")
+    assert on_directory["settings"] == "lr 0.001 (min 0.0001, warmup 2), batch 4 × grad_accum 1, context the model's, " \
+                                       "max_iters 6"
+    assert on_directory["data"] == str(runs / "input.txt")
+    assert on_directory["loss"] == logged_losses(base, 6) and "9.5" not in on_directory["loss"]
+    assert summary_fields(ok(cli("info", base / run_files.MODEL_FILE)).stdout) == on_directory
+
+
+def test_info_on_a_runs_optimizer_state(runs):
+    fields = summary_fields(ok(cli("info", runs / "base" / run_files.OPTIMIZER_FILE)).stdout)
+    assert fields["optimizer"] == "AdamW state of a training run: moments of 3,664 (3.66K) parameters in 12 tensors, fp32"
+    assert fields["training"].startswith("step 6 after ")
+    assert fields["settings"].endswith("max_iters 6") and fields["loss"] == logged_losses(runs / "base", 6)
+
+
+def test_info_on_a_lora_run_and_its_adapters(runs):
+    base_model = str(runs / "base" / run_files.MODEL_FILE)
+    on_directory = summary_fields(ok(cli("info", runs / "lora")).stdout)
+    assert on_directory["adapters"] == "LoRA rank 2, alpha 4 (scale 2) on q_proj, v_proj in 1 layer"
+    assert on_directory["parameters"] == f"{2 * (2 * 16 + 16 * 2)} (128) in 4 tensors"  # A (2, 16) and B (16, 2), twice
+    assert on_directory["base"].startswith(f"model  {base_model}; ")
+    assert on_directory["training"].startswith("step 6 after ")
+    assert on_directory["lora"] == f"rank 2, alpha 4 on q_proj, v_proj; base {base_model}"
+    assert on_directory["loss"] == logged_losses(runs / "lora", 6)
+    assert summary_fields(ok(cli("info", runs / "lora" / run_files.ADAPTERS_FILE)).stdout) == on_directory
+
+
+def test_info_on_adapters_says_whether_their_base_can_be_checked(tmp_path):
+    from npllama import adapters, init_params
+    config = LlamaConfig.preset("tiny")
+    params = init_params(config)
+    lora = adapters.init_adapters(params, config, ("o_proj",), rank=4, alpha=8.0, seed=0)
+    weights.save_adapters(tmp_path / "checked.safetensors", lora, 4, 8.0, ["o_proj"], base_params=params,
+                          base_name="tiny-base")
+    weights.save_adapters(tmp_path / "unchecked.safetensors", lora, 4, 8.0, ["o_proj"])
+    checked = summary_fields(ok(cli("info", tmp_path / "checked.safetensors")).stdout)
+    assert checked["adapters"] == f"LoRA rank 4, alpha 8 (scale 2) on o_proj in {config.num_hidden_layers} layers"
+    assert checked["base"] == "model  tiny-base; its weights are checked where the adapters are loaded"
+    assert "training" not in checked  # not saved by a run
+    unchecked = summary_fields(ok(cli("info", tmp_path / "unchecked.safetensors")).stdout)
+    assert unchecked["base"] == "model  not named; not checked where the adapters are loaded (no fingerprint)"
+
+
 # ---- export-hf --------------------------------------------------------------------------------------------
 def test_export_hf_round_trips(tmp_path, model_file):
     outdir = str(tmp_path / "hf")
@@ -216,7 +287,7 @@ def test_greedy_prompt_ids_match_transformers(xp, ids_only_file):
 
 
 def test_greedy_prompt_ids_print_ids_on_weights_with_a_tokenizer(xp, model_file):
-    result = ok(generate_cli(model_file, "--prompt-ids", " ".join(map(str, PROMPT_IDS)), "-n", 20))
+    result = ok(generate_cli(model_file, "--prompt-ids", " ".join(map(str, PROMPT_IDS)), "-n", 20, "--temperature", 0))
     assert result.stdout == " ".join(map(str, PROMPT_IDS + HF_GREEDY)) + "\n"
 
 
@@ -235,7 +306,7 @@ def test_prompt_text_prints_the_decoded_continuation(xp, model_file):
 
 
 def test_generate_reads_an_hf_directory_directly(xp):
-    result = ok(generate_cli(os.path.join(FIXTURES, "hf"), "--prompt", PROMPT_TEXT, "-n", 20))
+    result = ok(generate_cli(os.path.join(FIXTURES, "hf"), "--prompt", PROMPT_TEXT, "-n", 20, "--temperature", 0))
     tokenizer = weights.load(os.path.join(FIXTURES, "hf"))[2]
     assert result.stdout == tokenizer.decode(PROMPT_IDS + HF_GREEDY) + "\n"
     assert SUMMARY.search(result.stderr).groups()[:3] == (str(len(PROMPT_IDS)), "20", "length")
@@ -246,7 +317,7 @@ def test_seeded_sampling_repeats_and_depends_on_the_seed(xp, model_file):
     first = ok(generate_cli(model_file, *args, "--seed", 3)).stdout
     second = ok(generate_cli(model_file, *args, "--seed", 3)).stdout
     other = ok(generate_cli(model_file, *args, "--seed", 4)).stdout
-    greedy = ok(generate_cli(model_file, "--prompt", PROMPT_TEXT, "-n", 20)).stdout
+    greedy = ok(generate_cli(model_file, "--prompt", PROMPT_TEXT, "-n", 20, "--temperature", 0)).stdout
     assert first == second
     assert first != other and first != greedy
     config, params, tokenizer = weights.load(model_file)
@@ -261,14 +332,14 @@ def test_generation_stops_at_eos(xp, model_file):
     free_running = generate(params, config, ids, 20)  # no eos_id: does not stop
     assert tokenizer.eos_id in free_running[:-1]  # the premise: greedy emits EOS before the 20th token
     stop = free_running.index(tokenizer.eos_id) + 1
-    result = ok(generate_cli(model_file, "--prompt", "l", "-n", 20))
+    result = ok(generate_cli(model_file, "--prompt", "l", "-n", 20, "--temperature", 0))
     assert SUMMARY.search(result.stderr).groups()[:3] == (str(len(ids)), str(stop), "eos")
     assert result.stdout == tokenizer.decode(ids + free_running[:stop]) + "\n"
 
 
 def test_generate_dtype_fp32_is_accepted(xp, ids_only_file):
     result = ok(generate_cli(ids_only_file, "--prompt-ids", " ".join(map(str, PROMPT_IDS)), "-n", 20,
-                             "--dtype", "fp32"))
+                             "--dtype", "fp32", "--temperature", 0))
     assert result.stdout == " ".join(map(str, PROMPT_IDS + HF_GREEDY)) + "\n"
 
 
@@ -290,16 +361,16 @@ def test_not_a_safetensors_file(tmp_path):
     load_weights_fails(tmp_path, tmp_path / "notes.safetensors", "not a safetensors file")
 
 
-def test_truncated_file(tmp_path, model_file):
+def test_cut_short_file(tmp_path, model_file):
     data = open(model_file, "rb").read()
     (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
-    load_weights_fails(tmp_path, tmp_path / "cut.safetensors", "truncated")
+    load_weights_fails(tmp_path, tmp_path / "cut.safetensors", "cut.safetensors is a safetensors file cut short")
 
 
-def test_truncated_llama2c_file(tmp_path):
+def test_cut_short_llama2c_file(tmp_path):
     data = open(os.path.join(FIXTURES, "stories_v1.bin"), "rb").read()
     (tmp_path / "cut.bin").write_bytes(data[:-100])
-    load_weights_fails(tmp_path, tmp_path / "cut.bin", "truncated")
+    load_weights_fails(tmp_path, tmp_path / "cut.bin", "cut.bin is a llama2.c checkpoint cut short")
 
 
 def test_tensor_shape_not_matching_the_config(tmp_path):

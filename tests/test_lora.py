@@ -1,6 +1,5 @@
 """LoRA: the adapter's backward against finite differences (float64), frozen weights getting no
 gradient, the whole model with adapters, and merged adapters computing what unmerged ones do."""
-import importlib.util
 import os
 
 import numpy as np
@@ -124,9 +123,8 @@ def test_lora_train_merge_and_generate(tmp_path):
     trained = cli("train", *data, "--out", tmp_path / "straight", "--max-iters", 10, *lora_flags)
     assert "LoRA rank 2 (alpha 4) on q_proj, v_proj, down_proj" in trained.stdout
     tokens_file = next(n for n in os.listdir(tmp_path / "straight") if n.startswith("tokens-"))
-    curves = [train.CURVES_FILE] if importlib.util.find_spec("matplotlib") else []  # an optional package
-    assert sorted(os.listdir(tmp_path / "straight")) == sorted(["adapters.safetensors", "log.csv",
-                                                                "optimizer.safetensors", tokens_file, *curves])
+    assert sorted(os.listdir(tmp_path / "straight")) == sorted(["adapters.safetensors", "log.csv", train.CURVES_FILE,
+                                                                "optimizer.safetensors", tokens_file])
     adapters, info = weights.load_adapters(str(tmp_path / "straight" / train.ADAPTERS_FILE))
     assert info == {"rank": 2, "alpha": 4.0, "targets": ["q_proj", "v_proj", "down_proj"]}
     assert len(adapters) == 2 * 3  # one layer, three targets, A and B
@@ -136,9 +134,18 @@ def test_lora_train_merge_and_generate(tmp_path):
     merged = tmp_path / "merged.safetensors"
     cli("merge-lora", base, tmp_path / "straight" / train.ADAPTERS_FILE, "--out", merged)
     with_lora = cli("generate", "--weights", base, "--lora", tmp_path / "straight" / train.ADAPTERS_FILE,
-                    "--prompt", "First", "-n", 10)
-    assert cli("generate", "--weights", merged, "--prompt", "First", "-n", 10).stdout == with_lora.stdout
-    assert cli("generate", "--weights", base, "--prompt", "First", "-n", 10).stdout != with_lora.stdout
+                    "--prompt", "First", "-n", 10, "--temperature", 0)
+    assert cli("generate", "--weights", merged, "--prompt", "First", "-n", 10, "--temperature", 0).stdout == \
+        with_lora.stdout
+    assert cli("generate", "--weights", base, "--prompt", "First", "-n", 10, "--temperature", 0).stdout != \
+        with_lora.stdout
+
+    cli("train", *data, "--out", tmp_path / "other", "--max-iters", 1, *TINY_FLAGS, "--seed", 7)
+    on_another = CliRunner().invoke(main, ["generate", "--weights", str(tmp_path / "other"), "--lora",
+                                           str(tmp_path / "straight" / train.ADAPTERS_FILE), "--prompt", "First"])
+    assert on_another.exit_code == 1 and on_another.stderr.count("\n") == 1, on_another.output
+    assert on_another.stderr.startswith(f"Error: {tmp_path / 'straight' / train.ADAPTERS_FILE} were trained on a "
+                                        f"different model ({base}): ")
 
 
 def test_an_interrupted_adapter_run_resumes_exactly(tmp_path):
@@ -225,3 +232,130 @@ def test_lora_bad_inputs(tmp_path):
         weights.save_adapters(tmp_path / "bad.safetensors", adapters, rank, 2.0, ("q_proj",))
         assert_one_clear_line(cli("merge-lora", tmp_path / "small.safetensors", tmp_path / "bad.safetensors",
                                   "--out", tmp_path / "m.safetensors"), fragment)
+
+
+# ---- adapters know the model they were trained on -------------------------------------------------------
+BASE_CONFIG = npllama.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)  # rows of 64: Q8_0's blocks fit
+TARGETS = ("q_proj", "v_proj", "down_proj")
+NOT_THEIR_BASE = (r"(?P<path>\S+) were trained on a different model \(base A\): (?P<weight>\w+ of layer \d) differs by "
+                  r"(?P<percent>\d+)%; pass the model they were trained on")
+
+
+@pytest.fixture
+def trained_on_a(tmp_path, rng):
+    """(base A's file, adapters trained on A: their file, their arrays), A a random model."""
+    from npllama.io import weights
+    base = npllama.init_params(BASE_CONFIG, seed=0)
+    weights.save(tmp_path / "a.safetensors", BASE_CONFIG, base)
+    trained = {name: (rng.standard_normal(value.shape) * 0.1).astype(np.float32)
+               for name, value in lora.init_adapters(base, BASE_CONFIG, TARGETS, 4, 8.0, 0).items()}
+    weights.save_adapters(tmp_path / "adapters.safetensors", trained, 4, 8.0, TARGETS, base_params=base,
+                          base_name="base A")
+    return tmp_path / "a.safetensors", tmp_path / "adapters.safetensors", trained
+
+
+def copy_of(path, precision, tmp_path):
+    """The model at path saved again: in fp16 or bf16 (npllama's file), or as a Q8_0 GGUF file."""
+    from npllama.io import gguf_file, weights
+    copy = tmp_path / f"copy-{precision}"
+    if precision == "q8_0":
+        weights.export_gguf(copy, *weights.load(str(path)), quant_type="q8_0")
+        assert gguf_file.read_file(str(copy))[1]["blk.0.attn_q.weight"].type.name == "Q8_0"
+    else:
+        weights.save(copy, *weights.load(str(path)), dtype=precision)
+    return copy
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "q8_0"])
+def test_adapters_load_on_their_base_in_any_precision(tmp_path, trained_on_a, precision):
+    import warnings
+
+    from npllama.io import weights
+    base_file, adapters_file, trained = trained_on_a
+    config, params, _ = weights.load(str(copy_of(base_file, precision, tmp_path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no notice: the base was checked
+        loaded, info = weights.load_adapters(str(adapters_file), config, base_params=params)
+    assert info == {"rank": 4, "alpha": 8.0, "targets": list(TARGETS)}
+    assert sorted(loaded) == sorted(trained)
+    assert all(np.array_equal(loaded[name], trained[name]) for name in trained)
+
+
+def test_adapters_are_refused_on_another_model_of_their_shape(trained_on_a):
+    import re
+
+    from npllama.io import weights
+    _, adapters_file, _ = trained_on_a
+    other = npllama.init_params(BASE_CONFIG, seed=1)
+    with pytest.raises(weights.WrongBaseError) as caught:
+        weights.load_adapters(str(adapters_file), BASE_CONFIG, base_params=other)
+    match = re.fullmatch(NOT_THEIR_BASE, str(caught.value))
+    assert match and match["path"] == str(adapters_file) and match["weight"] == "q_proj of layer 0", str(caught.value)
+    assert int(match["percent"]) > 50  # two independent weights of one scale differ by about √2
+
+
+def test_the_refusal_names_the_first_weight_that_differs(trained_on_a):
+    from npllama.io import weights
+    base_file, adapters_file, _ = trained_on_a
+    config, params, _ = weights.load(str(base_file))
+    changed = {name: np.asarray(params[name]) for name in params}
+    name = "model.layers.1.mlp.down_proj.weight"
+    changed[name] = np.asarray(npllama.init_params(BASE_CONFIG, seed=1)[name])  # one weight of another model
+    with pytest.raises(weights.WrongBaseError, match="down_proj of layer 1 differs by"):
+        weights.load_adapters(str(adapters_file), config, base_params=changed)
+
+
+def test_adapters_without_a_record_of_their_base_are_taken_with_a_notice(tmp_path, trained_on_a):
+    from npllama.errors import Notice
+    from npllama.io import weights
+    base_file, _, trained = trained_on_a
+    weights.save_adapters(tmp_path / "old.safetensors", trained, 4, 8.0, TARGETS)  # as older npllama wrote them
+    other = npllama.init_params(BASE_CONFIG, seed=1)
+    with pytest.warns(Notice, match="old.safetensors records no fingerprint of the model its adapters were trained on"):
+        loaded, _ = weights.load_adapters(str(tmp_path / "old.safetensors"), BASE_CONFIG, base_params=other)
+    assert sorted(loaded) == sorted(trained)
+
+
+def test_a_damaged_record_of_the_base_is_one_line(tmp_path, trained_on_a):
+    from npllama.io import safetensors_file, weights
+    _, adapters_file, trained = trained_on_a
+    metadata, tensors = safetensors_file.read(str(adapters_file))
+    safetensors_file.write(tmp_path / "damaged.safetensors", dict(tensors), {**metadata, weights.BASE_KEY: '{"samples": 3}'})
+    with pytest.raises(weights.WeightsError, match=r"damaged.safetensors: its record of the model it was trained on "
+                                                   r"\(npllama.lora_base\) is damaged$"):
+        weights.load_adapters(str(tmp_path / "damaged.safetensors"), BASE_CONFIG,
+                              base_params=npllama.init_params(BASE_CONFIG, seed=0))
+
+
+def test_adapters_saved_from_device_arrays_check_host_copies(xp, tmp_path, trained_on_a):
+    from npllama.io import weights
+    base_file, _, trained = trained_on_a
+    config, params, _ = weights.load(str(base_file))
+    on_device = {name: xp.asarray(np.asarray(params[name])) for name in params}
+    weights.save_adapters(tmp_path / "device.safetensors", {n: xp.asarray(v) for n, v in trained.items()}, 4, 8.0,
+                          TARGETS, base_params=on_device, base_name="base A")
+    weights.load_adapters(str(tmp_path / "device.safetensors"), config, base_params=params)
+    with pytest.raises(weights.WrongBaseError):
+        weights.load_adapters(str(tmp_path / "device.safetensors"), config,
+                              base_params=npllama.init_params(BASE_CONFIG, seed=1))
+
+
+def test_merge_lora_refuses_another_model_and_takes_a_copy_of_theirs(tmp_path, trained_on_a):
+    from click.testing import CliRunner
+
+    from npllama.cli import main
+    from npllama.io import weights
+    from tests.test_train import assert_one_clear_line
+
+    def cli(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+    base_file, adapters_file, _ = trained_on_a
+    weights.save(tmp_path / "b.safetensors", BASE_CONFIG, npllama.init_params(BASE_CONFIG, seed=1))
+    refused = cli("merge-lora", tmp_path / "b.safetensors", adapters_file, "--out", tmp_path / "m.safetensors")
+    assert_one_clear_line(refused, f"Error: {adapters_file} were trained on a different model (base A): q_proj of "
+                                   "layer 0 differs by ")
+    assert not (tmp_path / "m.safetensors").exists()
+    merged = cli("merge-lora", copy_of(base_file, "bf16", tmp_path), adapters_file, "--out", tmp_path / "m.safetensors")
+    assert merged.exit_code == 0 and merged.stderr == "", merged.output
+    assert (tmp_path / "m.safetensors").exists()

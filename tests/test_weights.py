@@ -181,11 +181,12 @@ def test_not_a_safetensors_file(tmp_path):
     expect_error(tmp_path / "notes.safetensors", "not a safetensors file")
 
 
-def test_truncated_file(tmp_path, hf_model):
+def test_cut_short_file(tmp_path, hf_model):
     weights.save(tmp_path / "m.safetensors", *hf_model)
     data = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
-    expect_error(tmp_path / "cut.safetensors", "truncated")
+    expect_error(tmp_path / "cut.safetensors", f"cut.safetensors is a safetensors file cut short: its header and tensors "
+                                               f"need {len(data):,} bytes, the file has {len(data) // 2:,}")
 
 
 def test_shape_not_matching_the_config(tmp_path, hf_model):
@@ -229,10 +230,11 @@ def test_pickle_naming_a_forbidden_global(tmp_path):
     assert not sentinel.exists()
 
 
-def test_truncated_llama2c_file(tmp_path):
+def test_cut_short_llama2c_file(tmp_path):
     data = open(os.path.join(FIXTURES, "stories_v1.bin"), "rb").read()
     (tmp_path / "cut.bin").write_bytes(data[:-100])
-    expect_error(tmp_path / "cut.bin", "truncated")
+    expect_error(tmp_path / "cut.bin", f"cut.bin is a llama2.c checkpoint cut short: .* needs {len(data):,} bytes, "
+                                       f"the file has {len(data) - 100:,}")
 
 
 def test_safetensors_without_npllama_config_points_to_the_directory(tmp_path):

@@ -5,7 +5,7 @@ import warnings
 import click
 
 from ..config import PRESETS, LlamaConfig, human_count
-from ..io import weights
+from ..io import run_files, weights
 from .common import refuse_to_overwrite
 
 
@@ -23,12 +23,14 @@ def presets():
 
 
 @click.command("load-weights")
-@click.argument("source")
-@click.option("--out", required=True, help="The npllama weights file to write (e.g. weights/7b.safetensors).")
-@click.option("--tokenizer", "tokenizer_path", help="A SentencePiece .model to embed (replaces the source's).")
+@click.argument("source", type=click.Path())
+@click.option("--out", type=click.Path(), required=True,
+              help="The npllama weights file to write (e.g. weights/7b.safetensors).")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(),
+              help="A tokenizer file to embed (SentencePiece .model, tokenizer.json). Default: the source's own.")
 @click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True,
-              help="Dtype to store the tensors in.")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+              help="Dtype to store the tensors in; keep: as the source stores them.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists (default: refuse).")
 def load_weights(source, out, tokenizer_path, dtype, force):
     """Import SOURCE into one npllama weights file (config and tokenizer embedded).
 
@@ -48,18 +50,18 @@ def load_weights(source, out, tokenizer_path, dtype, force):
 
 
 @click.command()
-@click.argument("weights_path", metavar="WEIGHTS")
-def info(weights_path):
-    """Summarise a weights file or checkpoint: parameters, shape, dtype, tokenizer."""
-    on_disk = os.path.join(weights_path, weights.RUN_MODEL_FILE) if weights.detect(weights_path) == "run" else \
-        None if os.path.isdir(weights_path) else weights_path
-    click.echo(weights.describe(*weights.load(weights_path), path=on_disk))
+@click.argument("path", type=click.Path())
+def info(path):
+    """Summarise PATH: a model (any source load-weights reads: parameters, shape, dtype, tokenizer), a
+    training run or its model (with the step, the last losses and the run's settings), LoRA adapters
+    (rank, alpha, targets, base model) or a run's optimizer.safetensors."""
+    click.echo(run_files.describe(path))
 
 
 @click.command("export-hf")
-@click.argument("weights_path", metavar="WEIGHTS")
-@click.argument("outdir")
-@click.option("--force", is_flag=True, help="Write into OUTDIR even if it is not empty.")
+@click.argument("weights_path", metavar="WEIGHTS", type=click.Path())
+@click.argument("outdir", type=click.Path())
+@click.option("--force", is_flag=True, help="Write into OUTDIR even if it is not empty (default: refuse).")
 def export_hf(weights_path, outdir, force):
     """Write WEIGHTS as an HF transformers directory (config.json, model.safetensors and the tokenizer:
     tokenizer.model or tokenizer.json, tokenizer_config.json with the chat template, generation_config.json)."""
@@ -76,25 +78,26 @@ def export_hf(weights_path, outdir, force):
 
 
 @click.command("merge-lora")
-@click.argument("weights_path", metavar="WEIGHTS")
-@click.argument("adapters_path", metavar="ADAPTERS")
-@click.option("--out", required=True, help="The standalone weights file to write.")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.argument("weights_path", metavar="WEIGHTS", type=click.Path())
+@click.argument("adapters_path", metavar="ADAPTERS", type=click.Path())
+@click.option("--out", type=click.Path(), required=True, help="The standalone weights file to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists (default: refuse).")
 def merge_lora(weights_path, adapters_path, out, force):
-    """Fold LoRA ADAPTERS (a run's adapters.safetensors) into WEIGHTS: W' = W + (alpha/r)·B A."""
+    """Fold LoRA ADAPTERS (a run's adapters.safetensors) into WEIGHTS: W' = W + (alpha/r)·B A. WEIGHTS
+    must be the model they were trained on (in any format or precision)."""
     refuse_to_overwrite(out, force)
     config, params, tokenizer = weights.load(weights_path)
-    adapters, info = weights.load_adapters(adapters_path, config)
+    adapters, info = weights.load_adapters(adapters_path, config, base_params=params)
     weights.save(out, config, weights.merge_adapters(params, adapters, info["alpha"] / info["rank"]), tokenizer)
     click.echo(f"wrote {out}: {len(adapters) // 2} adapters of rank {info['rank']} merged into {weights_path}")
 
 
 @click.command("export-gguf")
-@click.argument("weights_path", metavar="WEIGHTS")
-@click.argument("out", metavar="OUT.gguf")
+@click.argument("weights_path", metavar="WEIGHTS", type=click.Path())
+@click.argument("out", metavar="OUT.gguf", type=click.Path())
 @click.option("--type", "quant_type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16",
               show_default=True, help="The matrices' type (norms stay f32, as llama.cpp's converter keeps them).")
-@click.option("--force", is_flag=True, help="Overwrite OUT.gguf if it exists.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.gguf if it exists (default: refuse).")
 def export_gguf(weights_path, out, quant_type, force):
     """Write WEIGHTS (anything load-weights reads) as a GGUF file for llama.cpp: the names, metadata and q/k
     row order its converter writes, and the tokenizer."""

@@ -31,28 +31,33 @@ def read(path):
     """(metadata: dict[str, str], tensors: dict[str, read-only memory-mapped array]) of a file."""
     header, data_start = _read_header(path)
     metadata = header.pop("__metadata__", None) or {}
-    raw = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) > data_start else np.zeros(0, np.uint8)
-    tensors = {}
-    for name, entry in header.items():
-        dtype, shape, (begin, end) = _check_entry(path, name, entry)
-        if data_start + end > raw.size:
-            raise SafetensorsError(f"{path}: truncated: tensor {name} ends at byte {data_start + end:,} "
-                                   f"but the file has {raw.size:,}")
-        tensors[name] = raw[data_start + begin:data_start + end].view(dtype).reshape(shape)
-    return metadata, tensors
+    entries = {name: _check_entry(path, name, entry) for name, entry in header.items()}
+    size = os.path.getsize(path)
+    needed = data_start + max((end for _, _, (_, end) in entries.values()), default=0)
+    if needed > size:
+        raise SafetensorsError(f"{path} is a safetensors file cut short: its header and tensors need {needed:,} "
+                               f"bytes, the file has {size:,}")
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+    return metadata, {name: raw[data_start + begin:data_start + end].view(dtype).reshape(shape)
+                      for name, (dtype, shape, (begin, end)) in entries.items()}
 
 
 def _read_header(path):
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise SafetensorsError(f"{path}: not a safetensors file (only {len(prefix)} bytes)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise SafetensorsError(f"{path}: not a safetensors file (its first 8 bytes give a header of "
+                                   f"{length:,} bytes, more than the {MAX_HEADER_BYTES:,} one may have)")
+        if 8 + length > size:
+            raise SafetensorsError(f"{path} is a safetensors file cut short: its header needs {8 + length:,} "
+                                   f"bytes, the file has {size:,}")
+        text = file.read(length)
     try:
-        with open(path, "rb") as file:
-            prefix = file.read(8)
-            if len(prefix) < 8:
-                raise SafetensorsError(f"{path}: not a safetensors file (only {len(prefix)} bytes)")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > min(MAX_HEADER_BYTES, os.path.getsize(path) - 8):
-                raise SafetensorsError(f"{path}: not a safetensors file (its first 8 bytes give a header "
-                                       f"of {length:,} bytes, more than the file holds)")
-            header = json.loads(file.read(length))
+        header = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {error})") from None
     if not isinstance(header, dict):

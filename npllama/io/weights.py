@@ -8,7 +8,7 @@ The npllama weights file is one safetensors file (safetensors_file.py):
 so `generate --weights FILE` needs no other file. `load` maps it into memory (nothing is read until
 used); `save` writes a temporary file and renames it.
 
-Sources `load` reads (`detect` tells them apart):
+Sources `load` reads (`detect` tells them apart: a directory by its files, a file by its first bytes):
     npllama file    as above
     HF directory    config.json; model.safetensors, or shards listed in model.safetensors.index.json;
                     tokenizer.model when present
@@ -23,19 +23,22 @@ q and k rows in RoPE's interleaved-pair order; they are permuted to HF's rotate-
 (rope.from_pairs), so the model has one convention everywhere. Converted tensors are made when read
 (LazyTensors), one at a time: a 13 GB import never holds more than a tensor's worth of converted data.
 
-LoRA adapters have a small file of their own (save_adapters, load_adapters; merge_adapters folds them in).
+LoRA adapters have a small file of their own (save_adapters, load_adapters; merge_adapters folds them in),
+which records a fingerprint of the model they were trained on: loading them onto another model is refused.
 """
 import json
 import os
 import re
 import struct
 import warnings
+import zipfile
 
 import numpy as np
 
 from .. import backend, dtypes
 from ..adapters import TARGETS as LORA_TARGETS, Adapted, adapter_names
 from ..config import human_count, parameter_shapes
+from ..errors import Notice
 from . import gguf_file, hf, llama2c, meta, safetensors_file, tokenizer as tokenizers
 from .common import (LazyTensors, WeightsError, config_from_json, host_tensors,  # noqa: F401 (re-exported)
                      TokenizerWarning, read_safetensors, read_tokenizer, tokenizer_settings)
@@ -71,7 +74,8 @@ def load(path, tokenizer_path=None):
 
 def detect(path):
     """Which source path is: 'npllama', 'hf', 'meta', 'run' (a training run's directory), 'gguf' or
-    'llama2c' (WeightsError when none)."""
+    'llama2c' (WeightsError when none). A directory is known by its files, a file by its first bytes
+    (file_format), whatever its name."""
     if not os.path.exists(path):
         raise WeightsError(f"{path}: no such file or directory")
     if os.path.isdir(path):
@@ -81,18 +85,65 @@ def detect(path):
         raise WeightsError(f"{path}: unrecognised checkpoint layout: a directory needs config.json "
                            f"(HF), params.json (Meta) or {RUN_MODEL_FILE} (a training run's)")
     with open(path, "rb") as file:
-        head = file.read(8)
+        head = file.read(HEAD_BYTES)
+    kind = file_format(head)
+    if kind == "zip":
+        _refuse_zip(path)
+    if kind == "pickle":
+        raise WeightsError(f"{path}: a Python pickle (torch.save's format before torch 1.6), which npllama does "
+                           "not read (unpickling can run code); re-save it with a recent torch, or as safetensors")
+    if kind is None:
+        raise WeightsError(f"{path}: not a safetensors file, nor GGUF, a llama2.c checkpoint or a PyTorch zip "
+                           f"({f'it starts {head[:8]!r}' if head else 'it is empty'}); npllama reads those, and "
+                           "HF and Meta checkpoint directories")
+    return kind
+
+
+HEAD_BYTES = llama2c.LEGACY_HEADER.size  # every format's magic, and a legacy llama2.c header
+
+
+def file_format(head):
+    """The format a file's first bytes announce (its magic number), or None:
+        'gguf'     "GGUF"
+        'llama2c'  versioned: "ak42" as a little-endian uint32 (b"24ka"); legacy: no magic, 7 int32 sizes
+                   that could be a model's (llama2c.legacy_header), tried last
+        'npllama'  safetensors: an 8-byte little-endian header length, then the JSON header's "{"
+        'zip'      "PK\\x03\\x04", a zip archive's first local header: torch.save since torch 1.6
+        'pickle'   0x80 (PROTO), a protocol from 2 to 5, then an opcode (never 0, which tells a legacy
+                   llama2.c dim such as 640 = 80 02 00 00 apart): torch.save before 1.6"""
     if head[:4] == b"GGUF":
         return "gguf"
-    if len(head) == 8 and struct.unpack("<I", head[:4])[0] == llama2c.MAGIC:
+    if head[:4] == llama2c.MAGIC_BYTES:
         return "llama2c"
-    if path.endswith(".bin") and llama2c.legacy_header(path) is not None:
-        return "llama2c"
-    return "npllama"  # anything else must be a safetensors file; reading it says if it is not
+    if head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= safetensors_file.MAX_HEADER_BYTES:
+        return "npllama"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] != 0:
+        return "pickle"
+    return "llama2c" if llama2c.legacy_header(head) is not None else None
+
+
+def _refuse_zip(path):
+    """A zip archive is a checkpoint only as torch.save writes it, which npllama reads within a Meta
+    directory (whose params.json gives the config)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        raise WeightsError(f"{path}: a zip archive cut short or damaged (its central directory, at the end, "
+                           "is missing)") from None
+    if not any(name.endswith("/data.pkl") for name in names):
+        raise WeightsError(f"{path}: a zip archive without a torch.save data.pkl, not a checkpoint npllama reads")
+    raise WeightsError(f"{path}: a PyTorch (torch.save) checkpoint; npllama reads one as part of a Meta "
+                       "directory: give the directory that holds it with params.json")
 
 
 def _read_npllama(path):
     metadata, tensors = read_safetensors(path)
+    if ADAPTERS_KEY in metadata:
+        raise WeightsError(f"{path}: LoRA adapters, not a model: give them with --lora beside the model they were "
+                           "trained on, or fold them into it with merge-lora")
     if CONFIG_KEY not in metadata:
         raise WeightsError(f"{path}: a safetensors file without an npllama config; for an HF checkpoint "
                            "give its directory (with config.json)")
@@ -167,30 +218,38 @@ def _human_bytes(size):
 
 
 # ---- LoRA adapters --------------------------------------------------------------------------------------
-ADAPTERS_KEY = "npllama.lora"
+ADAPTERS_KEY, BASE_KEY = "npllama.lora", "npllama.lora_base"
+BASE_SAMPLES = 64  # values of each adapted weight that identify the base model
+# Above this relative difference the base is another model. A copy of the same weights differs by at most
+# 0.05% in fp16 (2^-11), 0.4% in bf16 (2^-8), about 0.5% in Q8_0 and 10% in Q4_0; another model's weight
+# by about 100% or more (√2 between two independent weights of one scale).
+BASE_TOLERANCE = 0.5
 
 
-def save_adapters(path, adapters, rank, alpha, targets, metadata=None):
+class WrongBaseError(WeightsError):
+    """LoRA adapters given a model other than the one they were trained on."""
+
+
+def save_adapters(path, adapters, rank, alpha, targets, metadata=None, base_params=None, base_name=None):
     """A small safetensors file of LoRA adapters (adapters.adapter_names -> A or B) and, in its metadata,
-    their rank, alpha and targets (written atomically)."""
-    info = {"rank": rank, "alpha": alpha, "targets": list(targets)}
-    safetensors_file.write(path, {name: backend.to_host(value) for name, value in adapters.items()},
-                           {**(metadata or {}), ADAPTERS_KEY: json.dumps(info)})
+    their rank, alpha and targets (written atomically). With base_params (the model they are trained on),
+    its fingerprint too, which load_adapters checks: BASE_SAMPLES values of each adapted weight
+    (base_sample), and base_name for messages."""
+    metadata = {**(metadata or {}), ADAPTERS_KEY: json.dumps({"rank": rank, "alpha": alpha, "targets": list(targets)})}
+    if base_params is not None:
+        samples = {weight: [float(f"{value:.6g}") for value in base_sample(base_params[weight])]
+                   for weight in _adapted_weights(path, adapters)}
+        metadata[BASE_KEY] = json.dumps({"name": base_name, "samples": samples})
+    safetensors_file.write(path, {name: backend.to_host(value) for name, value in adapters.items()}, metadata)
 
 
-def load_adapters(path, config=None):
+def load_adapters(path, config=None, base_params=None):
     """(adapters: name -> array, info: {"rank", "alpha", "targets"}) from save_adapters' file. Every A
-    needs its B; with a config, each pair must fit a projection of that model."""
-    if not os.path.isfile(path):
-        raise WeightsError(f"{path}: no such file")
-    metadata, adapters = read_safetensors(path)
-    try:
-        info = json.loads(metadata[ADAPTERS_KEY])
-        rank, alpha = int(info["rank"]), float(info["alpha"])
-    except (KeyError, TypeError, ValueError):
-        raise WeightsError(f"{path}: not an npllama LoRA adapters file") from None
-    if rank < 1 or not alpha > 0:
-        raise WeightsError(f"{path}: rank {rank} and alpha {alpha} must be positive")
+    needs its B; with a config, each pair must fit a projection of that model; with base_params (that
+    model's), the model must be the one they were trained on (WrongBaseError), as far as the file's
+    fingerprint tells: a file without one is taken, with a notice."""
+    metadata, adapters, info = _read_adapters(path)
+    rank = info["rank"]
     shapes = parameter_shapes(config) if config is not None else None
     for name in adapters:
         weight, kind = _adapted_weight(path, name)
@@ -205,7 +264,97 @@ def load_adapters(path, config=None):
         expected = (rank, inputs) if kind == "A" else (out, rank)
         if tuple(adapters[name].shape) != expected:
             raise WeightsError(f"{path}: adapter {name} has shape {tuple(adapters[name].shape)}, this model needs {expected}")
-    return adapters, {**info, "rank": rank, "alpha": alpha}
+    if base_params is not None:
+        _check_base(path, metadata, adapters, base_params)
+    return adapters, info
+
+
+def _read_adapters(path):
+    """(metadata, adapters, info: {"rank", "alpha", "targets"}) of an adapters file."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such file")
+    metadata, adapters = read_safetensors(path)
+    try:
+        info = json.loads(metadata[ADAPTERS_KEY])
+        rank, alpha = int(info["rank"]), float(info["alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise WeightsError(f"{path}: not an npllama LoRA adapters file") from None
+    if rank < 1 or not alpha > 0:
+        raise WeightsError(f"{path}: rank {rank} and alpha {alpha} must be positive")
+    return metadata, adapters, {**info, "rank": rank, "alpha": alpha}
+
+
+def describe_adapters(path):
+    """A short multi-line summary of an adapters file: rank, alpha, targets, size, the model they were
+    trained on."""
+    metadata, adapters, info = _read_adapters(path)
+    layers = {weight.split(".")[2] for weight in _adapted_weights(path, adapters)}  # model.layers.N. ...
+    count = sum(int(np.prod(adapters[name].shape)) for name in adapters)
+    stored = sorted({dtypes.name(adapters[name].dtype) for name in adapters})
+    fingerprint = _fingerprint(path, metadata, adapters)
+    name = fingerprint and fingerprint["name"] or metadata.get("base")  # (where training runs recorded it before)
+    return "\n".join([
+        f"adapters    LoRA rank {info['rank']}, alpha {info['alpha']:g} (scale {info['alpha'] / info['rank']:g}) "
+        f"on {', '.join(info['targets'])} in {len(layers)} layer{'s' if len(layers) != 1 else ''}",
+        f"parameters  {count:,} ({human_count(count)}) in {len(adapters)} tensors",
+        f"dtype       {', '.join(stored)}",
+        f"base model  {name or 'not named'}; " + ("its weights are checked where the adapters are loaded" if fingerprint
+                                                  else "not checked where the adapters are loaded (no fingerprint)"),
+        f"on disk     {_human_bytes(os.path.getsize(path))} ({path})"])
+
+
+def base_sample(weight):
+    """BASE_SAMPLES values of a matrix along its diagonal, corner to corner (rows and columns evenly
+    spread), as float64 on the host: what tells its model apart, in any format and precision."""
+    out, inputs = weight.shape
+    steps = np.arange(BASE_SAMPLES)
+    rows, columns = (backend.on_device_of(weight, steps * size // BASE_SAMPLES) for size in (out, inputs))
+    values = weight[rows, columns]
+    return dtypes.compute_array(backend.to_host(values)).astype(np.float64)
+
+
+def _check_base(path, metadata, adapters, base_params):
+    """WrongBaseError when an adapted weight's sample differs from the one recorded by more than
+    BASE_TOLERANCE (relative, in norm); a notice when no fingerprint was recorded."""
+    fingerprint = _fingerprint(path, metadata, adapters)
+    if fingerprint is None:
+        warnings.warn(f"{path} records no fingerprint of the model its adapters were trained on (an older npllama "
+                      "wrote it), so they cannot be checked to fit this one", Notice)
+        return
+    for weight, recorded in fingerprint["samples"].items():
+        scale = max(np.linalg.norm(recorded), 1e-30)  # (a weight recorded as zeros: anything else differs)
+        difference = np.linalg.norm(base_sample(base_params[weight]) - recorded) / scale
+        if not difference <= BASE_TOLERANCE:
+            trained_on = f" ({fingerprint['name']})" if fingerprint["name"] else ""
+            raise WrongBaseError(f"{path} were trained on a different model{trained_on}: {_layer_weight(weight)} "
+                                 f"differs by {difference:.0%}; pass the model they were trained on")
+
+
+def _fingerprint(path, metadata, adapters):
+    """{"name": the base's name or None, "samples": adapted weight -> its recorded base_sample}, or None
+    when the file has no fingerprint."""
+    if BASE_KEY not in metadata:
+        return None
+    try:
+        fingerprint = json.loads(metadata[BASE_KEY])
+        samples = {weight: np.asarray(values, np.float64) for weight, values in fingerprint["samples"].items()}
+        if sorted(samples) != sorted(_adapted_weights(path, adapters)) or \
+                any(values.shape != (BASE_SAMPLES,) for values in samples.values()):
+            raise ValueError
+        return {"name": fingerprint.get("name"), "samples": samples}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise WeightsError(f"{path}: its record of the model it was trained on ({BASE_KEY}) is damaged") from None
+
+
+def _adapted_weights(path, adapters):
+    """The names of the weights the adapters attach to, in the adapters' order."""
+    return list(dict.fromkeys(_adapted_weight(path, name)[0] for name in adapters))
+
+
+def _layer_weight(weight):
+    """model.layers.3.self_attn.q_proj.weight -> 'q_proj of layer 3'."""
+    layer, short = re.fullmatch(r"model\.layers\.(\d+)\.\w+\.(\w+)\.weight", weight).groups()
+    return f"{short} of layer {layer}"
 
 
 def _adapted_weight(path, name):
