@@ -6,13 +6,17 @@ prefix are run. A template that renders a conversation as the prefix of its cont
 usual ones) so costs one prefill of the new turn; one that does not is still exact, only slower. The
 reply is sampled until one of the model's end-of-turn ids (tokenizer.eos_ids), the reply's token
 limit, or the end of the cache.
+
+A full cache ends the conversation (/reset starts a new one) rather than sliding a window over it as
+generate does: a window of the latest tokens would cut the system message and a turn's markup in the
+middle, and the next turn, rendered whole by the template, would no longer share its ids with the cache.
 """
 import time
 
 from . import generation
 from .generation import GenerationError, GenerationStats
 from .io.tokenizer import check_text
-from .sampling import Sampler
+from .sampling import DEFAULTS, Sampler
 
 DEFAULT_CONTEXT = 4096  # the cache's positions when the model's context is longer (Llama 3.2: 131,072)
 
@@ -24,14 +28,16 @@ class ChatError(GenerationError):
 class ChatSession:
     """A multi-turn conversation. reply(text) streams the model's answer and records it."""
 
-    def __init__(self, params, config, tokenizer, system=None, context=None, temperature=0.0, top_k=None,
-                 top_p=None, seed=None, dtype=None):
+    def __init__(self, params, config, tokenizer, system=None, context=None, temperature=0.0,
+                 top_k=DEFAULTS["top_k"], top_p=DEFAULTS["top_p"], seed=None, dtype=None, min_p=DEFAULTS["min_p"],
+                 repeat_penalty=DEFAULTS["repeat_penalty"], repeat_last_n=DEFAULTS["repeat_last_n"]):
         if tokenizer is None or tokenizer.chat_template is None:
             raise ChatError("this model has no chat template: it is a base model (use generate), or give a "
                             "tokenizer that has one")
         self.tokenizer = tokenizer
         self.context = min(context or DEFAULT_CONTEXT, config.max_position_embeddings)
-        self.sampler = Sampler(temperature, top_k, top_p, seed, vocab_limit=tokenizer.vocab_size)
+        self.sampler = Sampler(temperature, top_k, top_p, seed, tokenizer.vocab_size, min_p, repeat_penalty,
+                               repeat_last_n)
         self.decoder = generation.Decoder(params, config, self.context, dtype)
         self.system = system
         self.reset()
@@ -67,7 +73,7 @@ class ChatSession:
         try:
             started = time.perf_counter()
             while stats.new_tokens < max_new_tokens:
-                token = self.sampler(logits)
+                token = self.sampler(logits, self.cached)  # the conversation so far: the repeat penalty's
                 stats.new_tokens += 1
                 if token in self.tokenizer.eos_ids:
                     stats.stop_reason = "eos"
@@ -101,13 +107,12 @@ class ChatSession:
         return logits
 
 
-def chat(params, config, tokenizer, messages, max_new_tokens=512, temperature=0.0, top_k=None, top_p=None,
-         seed=None, dtype=None):
-    """The model's reply (text) to a conversation [{"role", "content"}, ...] ending with the user's turn."""
+def chat(params, config, tokenizer, messages, max_new_tokens=512, **settings):
+    """The model's reply (text) to a conversation [{"role", "content"}, ...] ending with the user's turn.
+    settings: ChatSession's (temperature, top_k, top_p, seed, dtype, min_p, repeat_penalty, repeat_last_n)."""
     if not messages or messages[-1].get("role") != "user":
         raise ChatError("a conversation to reply to ends with a message whose role is 'user'")
-    session = ChatSession(params, config, tokenizer, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, dtype=dtype)
+    session = ChatSession(params, config, tokenizer, **settings)
     session.messages = list(messages[:-1])
     pieces, _ = session.reply(messages[-1]["content"], max_new_tokens)
     return "".join(pieces)

@@ -39,16 +39,14 @@ from . import adamw, adapters, backend, data, generation, model
 from .config import LlamaConfig, block_param_name, human_bytes, parameter_shapes
 from .errors import Notice, UserError, setting
 from .io import files, safetensors_file, weights
+from .io.run_files import (ADAPTERS_FILE, LOG_FIELDS, LOG_FILE, MODEL_FILE, OPTIMIZER_FILE,  # the run's files
+                           STEP_KEY, TRAIN_KEY)
 from .ops.lm_head import IGNORE_INDEX
 from .runtime import cpu, parallel
 
-MODEL_FILE, OPTIMIZER_FILE = weights.RUN_MODEL_FILE, "optimizer.safetensors"
-LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
-ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's checkpoint: the adapters alone
+CURVES_FILE = "curves.png"
 NEXT = ".next"  # a checkpoint's files are written under NAME.next first (see TrainingRun.save)
 LOCK_FILE = "run.lock"  # the process id of the one process training in a run directory
-STEP_KEY, TRAIN_KEY = "npllama.train_step", "npllama.train"
-LOG_FIELDS = ["step", "lr", "loss", "grad_norm", "tokens_per_second", "elapsed_seconds", "train_loss", "val_loss"]
 DEFAULT_SHAPE = "shakespeare-char"  # nanoGPT's CPU recipe as a Llama; the vocabulary comes from the data
 RESUME_ADJUSTABLE = ("max_iters", "eval_interval", "eval_iters", "sample_tokens")  # no effect on the updates
 
@@ -307,14 +305,14 @@ class TrainingRun:
         return means
 
     def sample(self):
-        """A short seeded continuation (temperature 0.8, top-k 200) from BOS, or else from the first
+        """A short seeded continuation (nanoGPT's: temperature 0.8, top-k 200, no top-p or min-p) from BOS, or else from the first
         token of the training data."""
         if self.settings.sample_tokens == 0:
             return ""
         start = [self.tokenizer.bos_id if self.tokenizer.add_bos else int(self.train_ids[0])]
         length = min(self.settings.sample_tokens, self.context - 1)
         new = generation.generate(self.model_params, self.config, start, length, temperature=0.8, top_k=200,
-                                  seed=self.settings.seed + self.step, eos_ids=self.tokenizer.eos_ids,
+                                  top_p=1.0, min_p=0.0, seed=self.settings.seed + self.step, eos_ids=self.tokenizer.eos_ids,
                                   vocab_limit=self.tokenizer.vocab_size)
         return self.tokenizer.decode(start + new)
 
@@ -341,7 +339,8 @@ class TrainingRun:
         if self.settings.lora_rank:
             weights.save_adapters(self.checkpoint_file + NEXT, self.params, self.settings.lora_rank,
                                   self.settings.lora_alpha, self.settings.lora_targets,
-                                  metadata={STEP_KEY: str(self.step), "base": self.settings.init})
+                                  metadata={STEP_KEY: str(self.step)}, base_params=self.arrays,
+                                  base_name=self.settings.init)
         else:
             weights.save(self.checkpoint_file + NEXT, self.config, self.params, self.tokenizer,
                          metadata={STEP_KEY: str(self.step)})

@@ -127,12 +127,12 @@ def test_a_reply_the_template_writes_back_alike_is_not_run_again(kind):
     end = next(i for i in range(len(first), len(full)) if full[i] in tokenizer.eos_ids)
     script = iter(full[len(first):end + 1])  # the reply as the template writes it, then its end of turn
     session = ChatSession(params, config, tokenizer)
-    session.sampler = lambda logits: next(script)
+    session.sampler = lambda logits, previous: next(script)
     assert "".join(session.reply("Hello", 20)[0]).strip() == "Hello there, friend."  # (Llama 2 pads it)
     ran = []
     advance = session.decoder.advance
     session.decoder.advance = lambda ids: ran.append(len(ids)) or advance(ids)
-    session.sampler = lambda logits: tokenizer.eos_ids[0]
+    session.sampler = lambda logits, previous: tokenizer.eos_ids[0]
     pieces, stats = session.reply("More", 20)
     "".join(pieces)
     assert ran == [len(full) - end] and stats.cached_tokens == end
@@ -199,7 +199,8 @@ def chat_file(tmp_path_factory):
 
 def test_chat_over_piped_stdin_equals_generating_each_turn(chat_file):
     config, params, tokenizer = weights.load(chat_file)
-    result = cli("chat", "--weights", chat_file, "-n", "6", "--system", "Be brief.", input="Hello\nAnd then?\n")
+    result = cli("chat", "--weights", chat_file, "-n", "6", "--temperature", "0", "--system", "Be brief.",
+                 input="Hello\nAnd then?\n")
     assert result.exit_code == 0, result.output
     conversation = [{"role": "system", "content": "Be brief."}]
     expected = ""
@@ -214,8 +215,9 @@ def test_chat_over_piped_stdin_equals_generating_each_turn(chat_file):
 
 
 def test_chat_reset_and_exit(chat_file):
-    once = cli("chat", "--weights", chat_file, "-n", "4", input="Hello\n")
-    again = cli("chat", "--weights", chat_file, "-n", "4", input="Hi\n/reset\nHello\n/exit\nnever read\n")
+    once = cli("chat", "--weights", chat_file, "-n", "4", "--temperature", "0", input="Hello\n")
+    again = cli("chat", "--weights", chat_file, "-n", "4", "--temperature", "0",
+                input="Hi\n/reset\nHello\n/exit\nnever read\n")
     assert once.exit_code == 0 and again.exit_code == 0
     assert again.stdout.endswith(once.stdout) and again.stdout.count("\n") == 2
     assert "(conversation reset)" in again.stderr
@@ -223,7 +225,7 @@ def test_chat_reset_and_exit(chat_file):
 
 def test_generate_chat_renders_one_user_message(chat_file):
     config, params, tokenizer = weights.load(chat_file)
-    result = cli("generate", "--weights", chat_file, "--chat", "--prompt", "Hello", "-n", "5")
+    result = cli("generate", "--weights", chat_file, "--chat", "--prompt", "Hello", "-n", "5", "--temperature", "0")
     assert result.exit_code == 0, result.output
     new = generation.generate(params, config, tokenizer.apply_chat_template(HELLO), 5, eos_ids=tokenizer.eos_ids)
     assert result.stdout == tokenizer.decode(new) + "\n"
@@ -306,7 +308,7 @@ def test_a_llama32_shaped_model_imports_generates_and_chats(tmp_path):
 
     generated = cli("generate", "--weights", out, "--prompt", "Hello", "-n", "4", "--temperature", "0.7", "--seed", "1")
     assert generated.exit_code == 0 and generated.stdout.startswith("Hello"), generated.output
-    chatted = cli("chat", "--weights", out, "-n", "4", input="Hello\nAgain\n")
+    chatted = cli("chat", "--weights", out, "-n", "4", "--temperature", "0", input="Hello\nAgain\n")
     assert chatted.exit_code == 0, chatted.output
     params = {name: np.asarray(value, np.float32) for name, value in params.items()}
     conversation = HELLO
