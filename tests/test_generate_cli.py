@@ -6,16 +6,16 @@ import os
 import re
 
 import click
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from npllama import LlamaConfig, backend, forward, generation, init_params
+from npllama import LlamaConfig, generation, init_params
 from npllama.cli import main
 from npllama.cli.generate import chat_command, generate_command
 from npllama.io import weights
 from tests.conftest import ROOT
 from tests.test_chat import chat_model
+from tests.test_generation import greedy_with_repeat_penalty
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "import")
 SEED = re.compile(r"; seed (\d+)")
@@ -112,24 +112,12 @@ def test_settings_greedy_decoding_ignores_draw_one_warning(story_file, chat_file
                                   "likely token)"]
 
 
-def greedy_with_repeat_penalty(params, config, prompt, steps, penalty, last_n):
-    """A full forward at every step; the ids among the last last_n (the prompt's count) penalised as
-    llama.cpp does: a positive logit divided by the penalty, a negative one multiplied."""
-    sequence = list(prompt)
-    for _ in range(steps):
-        logits = backend.to_host(forward(params, config, np.array([sequence]))[0, -1]).astype(np.float64)
-        for token in set(sequence[-last_n:]):
-            logits[token] = logits[token] / penalty if logits[token] > 0 else logits[token] * penalty
-        sequence.append(int(np.argmax(logits)))
-    return sequence
-
-
 def test_the_repeat_penalty_acts_at_temperature_0_without_a_warning(short_file):
     args = ("generate", "-m", short_file, "--prompt-ids", "3 9 3", "-n", 12, "--temperature", 0)
     penalised = ok(cli(*args, "--repeat-penalty", 1.5, "--repeat-last-n", 5))
     assert not any(line.startswith("Warning:") for line in stderr_lines(penalised))
     config, params = short_model(bos_token_id=1)
-    assert ids_of(penalised) == greedy_with_repeat_penalty(params, config, [3, 9, 3], 12, 1.5, 5)
+    assert ids_of(penalised) == [3, 9, 3] + greedy_with_repeat_penalty(params, config, [3, 9, 3], 12, 1.5, 5)
     assert ids_of(penalised) != ids_of(ok(cli(*args)))  # the premise: the penalty changed something
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import backend, dtypes
 from ..adapters import TARGETS as LORA_TARGETS, Adapted, adapter_names
-from ..config import human_count, parameter_shapes
+from ..config import human_bytes, human_count, parameter_shapes
 from ..errors import Notice
 from . import gguf_file, hf, llama2c, meta, safetensors_file, tokenizer as tokenizers
 from .common import (LazyTensors, WeightsError, config_from_json, host_tensors,  # noqa: F401 (re-exported)
@@ -195,7 +195,7 @@ def describe(config, params, tokenizer, path=None):
              f"dtype       {', '.join(stored)}",
              f"tokenizer   {_describe_tokenizer(tokenizer)}"]
     if path is not None:
-        lines.append(f"on disk     {_human_bytes(os.path.getsize(path))} ({path})")
+        lines.append(f"on disk     {human_bytes(os.path.getsize(path))} ({path})")
     return "\n".join(lines)
 
 
@@ -207,14 +207,6 @@ def _describe_tokenizer(tokenizer):
     stops = ", ".join(repr(tokenizer.token_text(i)) for i in tokenizer.eos_ids) or "none"
     return (f"{tokenizer.describe()}; {'BOS first' if tokenizer.add_bos else 'no BOS'}; stops at {stops}; "
             f"{'a chat template' if tokenizer.chat_template else 'no chat template'}")
-
-
-def _human_bytes(size):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.4g} {unit}"
-        size /= 1024
-    return f"{size:.4g} TiB"
 
 
 # ---- LoRA adapters --------------------------------------------------------------------------------------
@@ -300,7 +292,7 @@ def describe_adapters(path):
         f"dtype       {', '.join(stored)}",
         f"base model  {name or 'not named'}; " + ("its weights are checked where the adapters are loaded" if fingerprint
                                                   else "not checked where the adapters are loaded (no fingerprint)"),
-        f"on disk     {_human_bytes(os.path.getsize(path))} ({path})"])
+        f"on disk     {human_bytes(os.path.getsize(path))} ({path})"])
 
 
 def base_sample(weight):
