@@ -66,6 +66,17 @@ class DataError(UserError):
 
 
 # ---- text -----------------------------------------------------------------------------------------------
+def decode_text(data, name):
+    """Bytes as UTF-8 text, decoded strictly; where they are not UTF-8 is said in one line naming `name`."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        where = f"byte 0x{data[error.start]:02x} at offset {error.start}"
+        if error.reason == "unexpected end of data":
+            where += " (the file ends inside a character)"
+        raise DataError(f"{name} is not UTF-8 text: {where}") from None
+
+
 def read_text(path):
     """The exact text of a UTF-8 file (read as bytes and decoded strictly: '\\r\\n' stays '\\r\\n')."""
     path = os.fspath(path)
@@ -78,13 +89,7 @@ def read_text(path):
         raise DataError(f"{path}: no such file") from None
     except OSError as error:
         raise DataError(f"cannot read {path}: {error.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        where = f"byte 0x{data[error.start]:02x} at offset {error.start}"
-        if error.reason == "unexpected end of data":
-            where += " (the file ends inside a character)"
-        raise DataError(f"{path} is not UTF-8 text: {where}") from None
+    text = decode_text(data, path)
     if not text.strip():
         raise DataError(f"{path} is empty: there is no text" if not text else
                         f"{path} holds only whitespace: there is no text")

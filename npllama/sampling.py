@@ -72,7 +72,7 @@ class Sampler:
 
     def __call__(self, logits, previous=()):
         """The token that follows `previous` (the ids so far, prompt included: the repeat penalty's)."""
-        logits = self.penalised(np.array(backend.to_host(logits), dtype=np.float64)[:self.vocab_limit], previous)
+        logits = self._prepared(logits, previous)
         if self.temperature == 0:
             return int(np.argmax(logits))
         ids, probs = self._kept(logits)
@@ -90,9 +90,14 @@ class Sampler:
         logits[recent] = np.where(chosen > 0, chosen / self.repeat_penalty, chosen * self.repeat_penalty)
         return logits
 
+    def _prepared(self, logits, previous):
+        """float64 host logits, cut to vocab_limit, with the repeat penalty."""
+        return self.penalised(np.array(backend.to_host(logits), dtype=np.float64)[:self.vocab_limit], previous)
+
     def probabilities(self, logits, previous=()):
-        """p (module docstring) over the ids of logits: 0 for those cut. Temperature must be > 0."""
-        ids, kept = self._kept(self.penalised(np.array(logits, dtype=np.float64), previous))
+        """p (module docstring) over the ids below vocab_limit: 0 for those cut. Temperature must be > 0."""
+        logits = self._prepared(logits, previous)
+        ids, kept = self._kept(logits)
         probs = np.zeros(len(logits))
         probs[ids] = kept
         return probs

@@ -39,6 +39,7 @@ from . import adamw, adapters, backend, data, generation, model
 from .config import LlamaConfig, block_param_name, human_bytes, parameter_shapes
 from .errors import Notice, UserError, setting
 from .io import files, safetensors_file, weights
+from .io import run_files
 from .io.run_files import (ADAPTERS_FILE, LOG_FIELDS, LOG_FILE, MODEL_FILE, OPTIMIZER_FILE,  # the run's files
                            STEP_KEY, TRAIN_KEY)
 from .ops.lm_head import IGNORE_INDEX
@@ -139,7 +140,8 @@ def memory_needed(config, settings):
     large for the machine is refused before it allocates anything. With s bytes per value, P the
     model's parameters, Pₜ the trained ones (P, or a LoRA run's adapters) and W the workers:
         weights       P·s, twice when W > 1 (the shard pool's shared copy)
-        gradients     Pₜ·s·W      every worker sums its shard's gradients in its own buffer
+        gradients     Pₜ·s·(W + 1 if accumulating else W): every worker sums its shard's gradients in its
+                      own buffer, and accumulating micro-batches keeps their sum besides
         moments       2·Pₜ·s      AdamW's m and v
         activations   B·T·(L·(6D + 3Dₖᵥ + 4F + H·T + 2) + 2V + D)·s + W·L·D·(D + 2Dₖᵥ)·s
     The activations are what one micro-batch of B windows of T tokens keeps for the backward pass: per
@@ -156,7 +158,8 @@ def memory_needed(config, settings):
     total = config.num_parameters()
     trained = _adapter_parameters(config, settings) if settings.lora_rank else total
     per_token = layers * (6 * d + 3 * kv + 4 * f + heads * time + 2) + 2 * config.vocab_size + d
-    return {"weights": total * s * (2 if workers > 1 else 1), "gradients": trained * s * workers,
+    accumulating = settings.grad_accum > 1
+    return {"weights": total * s * (2 if workers > 1 else 1), "gradients": trained * s * (workers + accumulating),
             "AdamW moments": 2 * trained * s,
             "activations": (batch * time * per_token + workers * layers * d * (d + 2 * kv)) * s}
 
@@ -218,11 +221,14 @@ def accumulated_loss_and_grads(arrays, config, micro_batches, shards=1, workers=
     for tokens, targets in micro_batches:
         micro_loss, grads = sharded_loss_and_grads(arrays, config, tokens, targets, shards, workers, lora_scale)
         total_loss += micro_loss / len(micro_batches)
+        for grad in grads.values():  # in place: the step holds one gradient, and the sum, never more
+            grad /= len(micro_batches)
         if total is None:
-            total = {name: grad / len(micro_batches) for name, grad in grads.items()}
+            total = grads
         else:
             for name, grad in grads.items():
-                total[name] += grad / len(micro_batches)
+                total[name] += grad
+        del grads  # freed before the next micro-batch's are made
     return total_loss, total
 
 
@@ -305,14 +311,15 @@ class TrainingRun:
         return means
 
     def sample(self):
-        """A short seeded continuation (nanoGPT's: temperature 0.8, top-k 200, no top-p or min-p) from BOS, or else from the first
-        token of the training data."""
+        """A short seeded continuation (nanoGPT's: temperature 0.8, top-k 200, no top-p or min-p) from
+        BOS, or else from the first token of the training data."""
         if self.settings.sample_tokens == 0:
             return ""
         start = [self.tokenizer.bos_id if self.tokenizer.add_bos else int(self.train_ids[0])]
         length = min(self.settings.sample_tokens, self.context - 1)
         new = generation.generate(self.model_params, self.config, start, length, temperature=0.8, top_k=200,
-                                  top_p=1.0, min_p=0.0, seed=self.settings.seed + self.step, eos_ids=self.tokenizer.eos_ids,
+                                  top_p=1.0, min_p=0.0, seed=self.settings.seed + self.step,
+                                  eos_ids=self.tokenizer.eos_ids,
                                   vocab_limit=self.tokenizer.vocab_size)
         return self.tokenizer.decode(start + new)
 
@@ -326,7 +333,20 @@ class TrainingRun:
         the model (or the adapters, with the step) to its NAME.next, then rename the first over
         optimizer.safetensors and the second over its name. A kill at any moment leaves a run that
         finish_checkpoint makes whole: the model's .next exists only once both are complete, so it is
-        rolled forward; without it the optimizer's .next is an unfinished checkpoint and is dropped."""
+        rolled forward; without it the optimizer's .next is an unfinished checkpoint and is dropped.
+        A full disk keeps the previous checkpoint and says so."""
+        try:
+            self._write_next()
+        except files.DiskFullError as error:
+            finish_checkpoint(self.directory)  # drops what was written of this one
+            kept = (f"the checkpoint of step {self.saved_step} is kept" if self.saved_step is not None
+                    else "no checkpoint had been written yet")
+            raise TrainError(f"{error.reason} saving the checkpoint of step {self.step} in {self.directory}; "
+                             f"{kept}") from None
+        finish_checkpoint(self.directory)
+        self.saved_step = self.step
+
+    def _write_next(self):
         state = self.optimizer.state_dict()
         tensors = {f"{kind}/{name}": backend.to_host(state[kind][name]) for kind in ("m", "v") for name in state[kind]}
         train_state = {"step": self.step, "rng_state": self.rng.bit_generator.state,
@@ -344,8 +364,6 @@ class TrainingRun:
         else:
             weights.save(self.checkpoint_file + NEXT, self.config, self.params, self.tokenizer,
                          metadata={STEP_KEY: str(self.step)})
-        finish_checkpoint(self.directory)
-        self.saved_step = self.step
 
 
 def finish_checkpoint(directory):
@@ -633,7 +651,7 @@ def _steps(training, should_stop, on_step, on_eval):
                                          if value is not None}, training.step)
                 row.update(train_loss=means["train"], val_loss=means["val"])
                 on_eval(training.step, means, training.sample())
-            log.write(row)  # before the save: on resume a row beyond the checkpoint is dropped, a lost one would stay lost
+            log.write(row)  # before the save: a resume drops rows beyond its checkpoint; a lost one stays lost
             if evaluating:
                 training.save()
     return "done"
@@ -646,6 +664,14 @@ def _check_finite(training, values, step):
                     if training.saved_step is not None else "no checkpoint had been written yet")
             raise TrainError(f"{what} became {value} at step {step}; training stopped and {kept}. Start again "
                              f"with a lower {setting('lr')} or {setting('grad_clip')} (and {setting('force')})")
+
+
+def _read_log(path):
+    """The log's rows (run_files.read_log); a damaged log stops the run before anything is written."""
+    try:
+        return run_files.read_log(path)
+    except run_files.LogError as error:
+        raise TrainError(f"{error.message()}; move it aside to go on with a new log") from None
 
 
 class _Log:
@@ -661,38 +687,21 @@ class _Log:
             writer.writerows(kept)
 
     def write(self, row):
-        with open(self.path, "a", newline="") as file:
+        with files.full_disk_said(self.path, "its last row may be cut short (a resume drops it)"), \
+                open(self.path, "a", newline="") as file:
             csv.DictWriter(file, LOG_FIELDS).writerow({key: "" if row.get(key) is None else row[key]
                                                        for key in LOG_FIELDS})
 
 
-def _read_log(path):
-    """The rows of a run's log.csv ([] when there is none). A last line without its newline (a write cut
-    short) is left out; anything else that is not a row of LOG_FIELDS with an integer step is an error."""
-    if not os.path.exists(path):
-        return []
-    try:
-        with open(path, newline="", encoding="utf-8") as file:
-            lines = file.read().splitlines(keepends=True)
-        if lines and not lines[-1].endswith("\n"):
-            lines.pop()
-        reader = csv.DictReader(lines, strict=True)
-        rows = list(reader)
-        if reader.fieldnames != LOG_FIELDS:
-            raise ValueError(f"its columns are not {','.join(LOG_FIELDS)}")
-        for number, row in enumerate(rows, start=2):
-            if None in row or None in row.values() or not row["step"].isdigit():
-                raise ValueError(f"line {number} is not a row of the log")
-    except (UnicodeDecodeError, csv.Error, ValueError) as error:
-        raise TrainError(f"{path} is damaged ({error}); move it aside to go on with a new log") from None
-    return rows
-
-
 def plot_curves(directory):
-    """curves.png from log.csv: training loss per step, and the evaluations. Returns its path."""
-    import matplotlib  # here, not above: only the end of a run pays for importing it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """curves.png from log.csv: training loss per step, and the evaluations. Returns its path, or None
+    when matplotlib cannot be imported (a dependency, but an environment may lack it)."""
+    try:  # here, not above: only the end of a run pays for importing it
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
     rows = _read_log(os.path.join(directory, LOG_FILE))
     figure, axes = plt.subplots(figsize=(8, 5))
     axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.6, alpha=0.5,

@@ -38,9 +38,11 @@ def test_the_installed_command_and_package(tmp_path):
 
 def test_version_and_usage_errors_are_one_line():
     from npllama import __version__
+    assert "Commands:" in CliRunner().invoke(main, []).output  # the program alone: its help
     assert CliRunner().invoke(main, ["--version"]).output == f"npllama, version {__version__}\n"
     for args, message in ((["trian"], "Error: No such command 'trian'. Did you mean 'train'? (see `python3 cli.py "
                                       "--help`)"),
+                          (["--bogus"], "Error: No such option '--bogus'. (see `python3 cli.py --help`)"),
                           (["eval", "--bogus"], "Error: No such option '--bogus'"),
                           (["eval", "-m", "/no/such/model", "--data", "x"], "Error: Invalid value for '-m' / "
                                                                             "'--weights': Path '/no/such/model' "

@@ -4,6 +4,9 @@ or stdin, several samples, the context shift past a short context, llama.cpp's s
 that states every default."""
 import os
 import re
+import shlex
+import subprocess
+import sys
 
 import click
 import pytest
@@ -150,6 +153,9 @@ def test_stop_needs_text(short_file):
     result = cli("generate", "-m", short_file, "--prompt-ids", "1 2", "--stop", "x")
     assert result.exit_code == 1 and stderr_lines(result) == [
         "Error: --stop looks for text: give --prompt or --prompt-file, not --prompt-ids"]
+    empty = cli("generate", "-m", short_file, "-p", "Hello", "--stop", "")
+    assert empty.exit_code == 1 and stderr_lines(empty) == ["Error: a stop string must not be empty"]
+    assert empty.stdout == ""  # refused before the model was loaded and the prompt printed
 
 
 # ---- prompts from a file or stdin -----------------------------------------------------------------------
@@ -173,8 +179,12 @@ def test_bad_prompt_sources(story_file, tmp_path):
         "Error: give exactly one of --prompt and --prompt-ids (a --prompt-file counts as --prompt)"]
     (tmp_path / "bad.txt").write_bytes(b"ab\xffc")
     bad = cli("generate", "-m", story_file, "-f", tmp_path / "bad.txt")
-    assert bad.exit_code == 1 and len(stderr_lines(bad)) == 1
-    assert stderr_lines(bad)[0].startswith("Error: the text is not valid UTF-8: '\\udcff' at offset 2")
+    assert bad.exit_code == 1
+    assert stderr_lines(bad) == [f"Error: {tmp_path / 'bad.txt'} is not UTF-8 text: byte 0xff at offset 2"]
+    no_stdin = subprocess.run(f"{shlex.quote(sys.executable)} cli.py generate -m {shlex.quote(story_file)} -p - <&-",
+                              shell=True, cwd=ROOT, capture_output=True, text=True)
+    assert no_stdin.returncode == 1 and no_stdin.stderr == \
+        "Error: --prompt - reads the prompt from stdin, and this process has none\n"
 
 
 # ---- several samples ----------------------------------------------------------------------------------------
@@ -197,6 +207,7 @@ def test_generate_goes_past_the_context_with_one_note(short_file, prompt, window
     args = ("generate", "-m", short_file, "--prompt-ids", prompt, "-n", 40, "--temperature", 0)
     result = ok(cli(*args, "--num-samples", 2))
     assert len(result.stdout.split("\n--- sample 2 of 2 ---\n")[1].split()) == 3 + 40
+    assert "Warning: --num-samples 2 at temperature 0 gives 2 identical continuations" in stderr_lines(result)
     notes = [line for line in stderr_lines(result) if line.startswith("Note:")]
     assert notes == [f"Note: the context (16 tokens) filled; continuing with a sliding window of {window} tokens "
                      "(--no-context-shift stops at the context instead)"]

@@ -122,6 +122,8 @@ def test_lora_train_merge_and_generate(tmp_path):
                   "--lr", 0.01, *RUN_FLAGS]
     trained = cli("train", *data, "--out", tmp_path / "straight", "--max-iters", 10, *lora_flags)
     assert "LoRA rank 2 (alpha 4) on q_proj, v_proj, down_proj" in trained.stdout
+    adapters_file = tmp_path / "straight" / train.ADAPTERS_FILE
+    assert f"generate --weights {base} --lora {adapters_file} --prompt" in trained.stdout  # a command that works
     tokens_file = next(n for n in os.listdir(tmp_path / "straight") if n.startswith("tokens-"))
     assert sorted(os.listdir(tmp_path / "straight")) == sorted(["adapters.safetensors", "log.csv", train.CURVES_FILE,
                                                                 "optimizer.safetensors", tokens_file])

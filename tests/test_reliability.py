@@ -2,8 +2,10 @@
 of a save, damaged logs, a failed --force, two runs in one directory, settings that cannot train, and a
 run too large for memory. Real `cli.py train` processes where the fault is a process's (a signal, a
 kill), the library where a fault is injected."""
+import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -221,6 +223,41 @@ def test_a_log_row_cut_short_is_dropped_on_resume(tmp_path, text_file):
     assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "straight")
 
 
+
+def test_a_full_disk_stops_the_run_saying_what_was_kept(tmp_path, text_file, monkeypatch):
+    """No space for a checkpoint: one line naming the step and the checkpoint kept, which then resumes
+    exactly; no space for a log row: one line naming log.csv."""
+    straight = library_run(tmp_path / "straight", text_file)
+    assert train.run(straight) == "done"
+    run = library_run(tmp_path / "full", text_file)
+    assert train.run(run, should_stop=lambda: run.step == 3) == "interrupted"  # the checkpoint of step 3
+
+    def disk_full(path, *args, **kwargs):
+        with files.replacing(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as patch:
+        patch.setattr(train.weights, "save", disk_full)
+        with pytest.raises(train.TrainError, match=re.escape(
+                f"no space left on device saving the checkpoint of step 6 in {tmp_path / 'full'}; the checkpoint "
+                "of step 3 is kept")):
+            train.run(train.resume(str(tmp_path / "full")))
+    assert not [name for name in os.listdir(tmp_path / "full") if name.endswith((train.NEXT, files.TEMPORARY_SUFFIX))]
+
+    def appending_fails(path, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(path, mode, *args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "open", appending_fails, raising=False)
+        with pytest.raises(files.DiskFullError, match=re.escape(
+                f"no space left on device writing {tmp_path / 'full' / train.LOG_FILE}; its last row may be cut "
+                "short (a resume drops it)")):
+            train.run(train.resume(str(tmp_path / "full")))
+    resumed = train.resume(str(tmp_path / "full"))
+    assert resumed.step == 3 and train.run(resumed) == "done"
+    assert logged_losses(tmp_path / "full") == logged_losses(tmp_path / "straight")
+
+
 # ---- --force and one run per directory (items 4, 5) ----------------------------------------------
 def test_a_failed_force_never_damages_the_previous_run(tmp_path, text_file):
     """--force over a run moves the run aside (said in one line): a new run that diverges leaves it whole,
@@ -319,9 +356,32 @@ def test_the_activation_estimate_matches_what_the_forward_keeps(kv_heads):
     seen = {id(array) for array in params.values()}
     kept = _new_bytes(caches.blocks, seen) + _new_bytes(head_cache, seen) + tokens.size * config.vocab_size * 4
     estimate = train.memory_needed(config, settings)
-    assert abs(estimate["activations"] - kept) < 0.05 * kept, (estimate["activations"], kept)
+    assert abs(estimate["activations"] - kept) < 0.02 * kept, (estimate["activations"], kept)
     assert estimate["weights"] == sum(array.nbytes for array in params.values())
     assert estimate["AdamW moments"] == 2 * estimate["weights"]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_the_estimate_matches_the_peak_of_a_whole_step(grad_accum):
+    """What an optimizer step allocates at its peak (tracemalloc, which sees NumPy's arrays) beyond the
+    weights and AdamW's moments, against memory_needed's gradients and activations: within 5% under, 15% over."""
+    import tracemalloc
+    from npllama import adamw
+    config = LlamaConfig(vocab_size=500, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                         num_attention_heads=8, max_position_embeddings=64)
+    settings = train.TrainSettings(batch_size=2, grad_accum=grad_accum, workers=1)
+    params, optimizer = model.trainable(init_params(config)), adamw.AdamW(1e-3)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 500, (2, 64)), rng.integers(0, 500, (2, 64))) for _ in range(grad_accum)]
+    train.optimizer_step(params, config, optimizer, batches, 1e-3, 1.0)  # the moments exist from here on
+    tracemalloc.start()
+    try:
+        train.optimizer_step(params, config, optimizer, batches, 1e-3, 1.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    estimate = train.memory_needed(config, settings)
+    assert 0.95 < peak / (estimate["gradients"] + estimate["activations"]) < 1.15
 
 
 def test_a_run_too_large_for_memory_is_refused_before_it_allocates(tmp_path, text_file, monkeypatch):

@@ -2,6 +2,7 @@
 import csv
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -151,6 +152,15 @@ def test_train_generate_eval_end_to_end(tmp_path, text_file):
     assert f"evaluating: batch {batches}/{batches} (100%)" in evaluated.stderr
 
 
+def test_without_matplotlib_a_run_notes_the_missing_curves(tmp_path, text_file, monkeypatch):
+    """matplotlib is a dependency, but an environment updated without reinstalling may lack it."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail as if not installed
+    result = cli("train", "--data", text_file, "--out", tmp_path / "run", "--max-iters", 2, *TINY_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "matplotlib is not installed: no curves.png" in result.stdout and "next:" in result.stdout
+    assert train.plot_curves(tmp_path / "run") is None and not (tmp_path / "run" / train.CURVES_FILE).exists()
+
+
 def test_train_without_data_uses_the_builtin_corpus(tmp_path):
     result = cli("train", "--out", tmp_path / "run", "--max-iters", 2, *TINY_FLAGS)
     assert result.exit_code == 0, result.output
@@ -171,7 +181,8 @@ def test_bpe_tokenizer_and_init_from_weights(tmp_path, text_file):
 
 # ---- bad input ------------------------------------------------------------------------------------------
 def test_missing_data_file(tmp_path):
-    assert_one_clear_line(cli("train", "--data", tmp_path / "nope.txt", "--out", tmp_path / "r"), f"{tmp_path / 'nope.txt'}' does not exist")
+    assert_one_clear_line(cli("train", "--data", tmp_path / "nope.txt", "--out", tmp_path / "r"),
+                          f"{tmp_path / 'nope.txt'}' does not exist")
 
 
 def test_empty_data_file(tmp_path):

@@ -29,15 +29,29 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except UserError as error:  # bad input: one line ("Error: ..."), exit status 1, no traceback
             raise click.ClickException(error.message(flag)) from None
-        except click.UsageError as error:  # a flag's value or name: one line too, pointing to the help
-            command = " ".join([program(), *(error.ctx or ctx).command_path.split()[1:]])
-            raise _UsageError(f"{error.format_message()} (see `{command} --help`)") from None
+        except click.UsageError as error:  # a command's flag, its value, or the command: one line too
+            raise _UsageError.of(error, ctx) from None
         except OSError as error:  # unreadable files, full disks: the system's reason is the message
             raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")) from None
 
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as error:  # the program's own flags (`npllama --bogus`)
+            if type(error).__name__ == "NoArgsIsHelpError":  # `npllama` alone: click shows the help
+                raise
+            raise _UsageError.of(error) from None
+
+
 class _UsageError(click.ClickException):
+    """A usage error as one line that points to the help, instead of click's usage block."""
     exit_code = 2  # as click's own usage errors
+
+    @classmethod
+    def of(cls, error, ctx=None):
+        path = (error.ctx or ctx).command_path.split()[1:] if (error.ctx or ctx) else []
+        return cls(f"{error.format_message()} (see `{' '.join([program(), *path])} --help`)")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

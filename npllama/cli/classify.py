@@ -18,10 +18,14 @@ def _setting(name, kind, **options):
               help="An npllama weights file, a run directory, an HF or Meta directory, a GGUF or llama2.c file.")
 @click.option("--mode", type=click.Choice(classify.MODES), required=True, help="zero-shot: score each label name "
               "as the text's continuation; finetune: train a head (and the model, or LoRA adapters) on --train.")
-@click.option("--train", "train_path", type=click.Path(exists=True, dir_okay=False), help="Training examples, `label ||| text` lines (finetune).")
-@click.option("--dev", "dev_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Development examples: accuracy each epoch, best epoch kept.")
-@click.option("--test", "test_path", type=click.Path(exists=True, dir_okay=False), help="Test examples (accuracy printed when they carry labels).")
-@click.option("--label-names", "label_names_path", required=True, type=click.Path(exists=True, dir_okay=False), help="A JSON list of the label names.")
+@click.option("--train", "train_path", type=click.Path(exists=True, dir_okay=False),
+              help="Training examples, `label ||| text` lines (finetune).")
+@click.option("--dev", "dev_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Development examples: accuracy each epoch, best epoch kept.")
+@click.option("--test", "test_path", type=click.Path(exists=True, dir_okay=False),
+              help="Test examples (accuracy printed when they carry labels).")
+@click.option("--label-names", "label_names_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A JSON list of the label names.")
 @_setting("lora_rank", click.IntRange(min=0), help="Finetune LoRA adapters (on q and v) of this rank instead of "
           "every weight.")
 @click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), help="Default: the rank.")
@@ -53,7 +57,8 @@ def classify_command(ctx, weights_path, train_path, dev_path, test_path, label_n
                               dev_out, test_out,
                               on_ready=lambda examples, baseline: click.echo(
                                   f"dev: {examples} examples, majority-class baseline {baseline:.3f}"),
-                              on_epoch=lambda epoch, accuracy: click.echo(f"epoch {epoch}: dev accuracy {accuracy:.3f}"),
+                              on_epoch=lambda epoch, accuracy: click.echo(
+                                  f"epoch {epoch}: dev accuracy {accuracy:.3f}"),
                               on_progress=stages)
     finally:
         stages.close()

@@ -4,7 +4,7 @@ import warnings
 
 import click
 
-from .. import adapters, backend, conversation, generation
+from .. import adapters, backend, conversation, data, generation
 from ..errors import Notice, UserError
 from ..io import weights
 from ..sampling import DEFAULTS, GREEDY_IGNORES
@@ -83,11 +83,12 @@ def _prompt_text(prompt, prompt_file):
     if prompt_file is None and prompt != "-":
         return prompt
     if prompt_file is None:
-        data = click.get_binary_stream("stdin").read()
+        if sys.stdin is None:
+            raise click.ClickException("--prompt - reads the prompt from stdin, and this process has none")
+        text = data.decode_text(click.get_binary_stream("stdin").read(), "the prompt on stdin")
     else:
         with open(prompt_file, "rb") as file:
-            data = file.read()
-    text = data.decode("utf-8", errors="surrogateescape")  # a byte that is not UTF-8: the tokenizer says where
+            text = data.decode_text(file.read(), prompt_file)
     return text[:-1] if text.endswith("\n") else text
 
 
@@ -119,7 +120,11 @@ def generate_command(weights_path, prompt, prompt_file, prompt_ids, as_chat, max
         raise click.ClickException("--chat renders a --prompt text as a user message")
     if stop_strings and prompt_ids is not None:
         raise click.ClickException("--stop looks for text: give --prompt or --prompt-file, not --prompt-ids")
+    generation.StopStrings(stop_strings)  # refuses an empty one before the model is loaded
     sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+    if num_samples > 1 and temperature == 0:
+        warnings.warn(f"--num-samples {num_samples} at temperature 0 gives {num_samples} identical continuations",
+                      Notice)
     text = _prompt_text(prompt, prompt_file) if prompt_ids is None else None
     config, params, tokenizer = _load(weights_path, device, tokenizer_path, lora_path)
     if text is not None and tokenizer is None:

@@ -6,29 +6,23 @@ import time
 
 import click
 
-TIMED_ITEMS, TIMED_SECONDS = 5, 10.0  # the estimate comes after this many items, or seconds if sooner
+from ..config import human_duration
 
-
-def duration(seconds):
-    """95 -> '1m35s'; 4000 -> '1h06m'."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+TIMED_ITEMS, TIMED_SECONDS = 5, 10.0  # the estimate comes after this many items past the first, or seconds
 
 
 class Progress:
     """`with Progress(total, "training", "step") as progress: ... progress.update(item)` for each item
     done, counting on from `start` items done before (a resumed run's steps); describe(item) is the
-    text shown beside the count (the loss, the speed)."""
+    text shown beside the count (the loss, the speed). The pace is timed from the first item's end:
+    the first also pays for starting up (worker processes, caches, a GPU's kernels)."""
 
-    def __init__(self, total, label, unit, start=0, describe=lambda item: "", every_seconds=30.0, stream=None):
+    def __init__(self, total, label, unit, start=0, describe=lambda item: "", every_seconds=30.0, stream=None,
+                 clock=time.perf_counter):
         self.total, self.label, self.unit, self.describe = total, label, unit, describe
-        self.every_seconds, self.stream = every_seconds, stream or sys.stderr
+        self.every_seconds, self.stream, self.clock = every_seconds, stream or sys.stderr, clock
         self.first = self.done = start
-        self.started, self.estimated = time.perf_counter(), False
+        self.started, self.first_done_at, self.estimated = clock(), None, False
         self.last_line = (start, self.started)  # (items done, when) at the last plain line
         self.bar = None
 
@@ -45,18 +39,26 @@ class Progress:
 
     def update(self, item=None):
         self.done += 1
-        now = time.perf_counter()
+        now = self.clock()
+        if self.first_done_at is None:
+            self.first_done_at = now
         if self.bar is not None:
             self.bar.update(1, item)
         elif self._line_due(now):
             self._print_line(item, now)
-        timed = self.done - self.first
-        if not self.estimated and self.done < self.total and (timed >= TIMED_ITEMS or
-                                                              now - self.started >= TIMED_SECONDS):
+        after_first = self.done - self.first - 1
+        if not self.estimated and self.done < self.total and after_first and (
+                after_first >= TIMED_ITEMS or now - self.first_done_at >= TIMED_SECONDS):
             self.estimated = True
             left = self.total - self.first
-            self._echo(f"{self.label}: about {duration((now - self.started) / timed * left)} for {left:,} "
-                       f"{self.unit}s (timed over the first {timed})")
+            whole = self.first_done_at - self.started + self._pace(now) * (left - 1)
+            self._echo(f"{self.label}: about {human_duration(whole)} for {left:,} {self.unit}s (timed over the first "
+                       f"{after_first + 1})")
+
+    def _pace(self, now):
+        """Seconds per item after the first (the first's own time while it is the only one)."""
+        after_first = self.done - self.first - 1
+        return (now - self.first_done_at) / after_first if after_first else now - self.started
 
     def _line_due(self, now):
         done_then, then = self.last_line
@@ -65,11 +67,10 @@ class Progress:
 
     def _print_line(self, item, now):
         self.last_line = (self.done, now)
-        elapsed = now - self.started
-        left = elapsed / (self.done - self.first) * (self.total - self.done)
         details = self.describe(item) if item is not None else ""
         self._echo(f"{self.label}: {self.unit} {self.done:,}/{self.total:,} ({100 * self.done // self.total}%)"
-                   f"{'  ' + details if details else ''}  elapsed {duration(elapsed)}  ETA {duration(left)}")
+                   f"{'  ' + details if details else ''}  elapsed {human_duration(now - self.started)}  "
+                   f"ETA {human_duration(self._pace(now) * (self.total - self.done))}")
 
     def _echo(self, line):
         if self.bar is not None:

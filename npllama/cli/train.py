@@ -37,12 +37,15 @@ def _setting(name, kind, **options):
 
 
 @click.command("train")
-@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False), help="A UTF-8 text file. Default: the built-in corpus, "
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False),
+              help="A UTF-8 text file. Default: the built-in corpus, "
               "npllama/corpus/shakespeare-sample.txt (about 100 KB of Shakespeare, no download).")
-@click.option("--out", type=click.Path(), help="The run directory (checkpoints, log.csv, curves.png). Default: runs/DATA-NAME.")
+@click.option("--out", type=click.Path(),
+              help="The run directory (checkpoints, log.csv, curves.png). Default: runs/DATA-NAME.")
 @click.option("--tokenizer", "tokenizer_spec", help="char (default for a new model), bpe:N (train a SentencePiece "
               "BPE of N pieces on the data) or PATH.model. With --init, the model's own.")
-@click.option("--init", "init_path", type=click.Path(exists=True), help="Start from these weights (a weights file or HF directory): continued "
+@click.option("--init", "init_path", type=click.Path(exists=True),
+              help="Start from these weights (a weights file or HF directory): continued "
               "pre-training or fine-tuning with the model's tokenizer.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
 @click.option("--force", is_flag=True, help="Start a new run in --out even if one is there (overwrites it).")
@@ -154,13 +157,22 @@ def _train_with_progress(run, out):
         click.echo(f"interrupted at step {run.step}: checkpoint saved; continue with "
                    f"`{program()} train --out {shlex.quote(out)} --resume`", err=True)
         sys.exit(128 + interrupted[0])
-    click.echo(f"done: step {run.step}; wrote {run.checkpoint_file}, {os.path.join(out, training.LOG_FILE)} and "
-               f"{training.plot_curves(out)}")
-    quoted = shlex.quote(out)
+    curves = training.plot_curves(out)
+    click.echo(f"done: step {run.step}; wrote {run.checkpoint_file} and {os.path.join(out, training.LOG_FILE)}")
+    click.echo(f"wrote {curves}" if curves else "matplotlib is not installed: no curves.png "
+               "(pip install matplotlib); the losses are in log.csv")
+    _suggest_next(run, out)
+
+
+def _suggest_next(run, out):
+    """The commands to sample from the trained model and to train it longer."""
+    model = f"{shlex.quote(run.settings.init)} --lora {shlex.quote(run.checkpoint_file)}" if run.settings.lora_rank \
+        else shlex.quote(out)
     opening = run.tokenizer.decode([int(i) for i in run.train_ids[:16]]).strip().split("\n")[0][:24]
-    click.echo(f"next:\n  {program()} generate --weights {quoted} --prompt {shlex.quote(opening or 'The')}"
+    click.echo(f"next:\n  {program()} generate --weights {model} --prompt {shlex.quote(opening or 'The')}"
                f"  # sample from it\n"
-               f"  {program()} train --out {quoted} --resume --max-iters {2 * run.settings.max_iters}  # train longer")
+               f"  {program()} train --out {shlex.quote(out)} --resume --max-iters {2 * run.settings.max_iters}"
+               "  # train longer")
 
 
 def _restore(handlers):

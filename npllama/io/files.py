@@ -14,14 +14,19 @@ FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota excee
 
 
 class DiskFullError(UserError):
-    """The disk (or the user's quota) filled up while a file was written; the target is untouched."""
+    """The disk (or the user's quota) filled up while a file was written; the target is untouched.
+    .reason: "no space left on device" or "disk quota exceeded"."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
 
 
 @contextlib.contextmanager
 def replacing(path):
     """A temporary path beside `path` for the block to write (and close); when the block ends without
     an error it is synced to disk and renamed to path, otherwise removed."""
-    with _full_disk_said(path):
+    with full_disk_said(path):
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                                              prefix="." + os.path.basename(path) + ".", suffix=TEMPORARY_SUFFIX)
         os.close(handle)
@@ -40,15 +45,16 @@ def replacing(path):
 
 
 @contextlib.contextmanager
-def _full_disk_said(path):
-    """A full disk or quota, wherever the writing met it, as one line about the file being written."""
+def full_disk_said(path, outcome=None):
+    """A full disk or quota, wherever the writing met it, as one line about the file being written and
+    what became of it (default: for a file written whole, that nothing was replaced or written)."""
     try:
         yield
     except OSError as error:
         if error.errno not in FULL:
             raise
-        kept = "nothing was replaced" if os.path.exists(path) else "nothing was written"
-        raise DiskFullError(f"{FULL[error.errno]} writing {path}; {kept}") from None
+        outcome = outcome or ("nothing was replaced" if os.path.exists(path) else "nothing was written")
+        raise DiskFullError(f"{FULL[error.errno]} writing {path}; {outcome}", FULL[error.errno]) from None
 
 
 def remove_leftovers(directory):

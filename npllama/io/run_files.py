@@ -11,7 +11,8 @@ import json
 import os
 
 from .. import dtypes
-from ..config import human_count
+from ..config import human_count, human_duration
+from ..errors import UserError
 from . import weights
 
 MODEL_FILE, ADAPTERS_FILE = weights.RUN_MODEL_FILE, "adapters.safetensors"
@@ -48,7 +49,7 @@ def describe_training(directory, step, state=None):
     settings = state.get("settings") or {}
     trained = f"training    step {step:,}"
     if isinstance(state.get("elapsed_seconds"), (int, float)):
-        trained += f" after {_duration(state['elapsed_seconds'])} of training"
+        trained += f" after {human_duration(state['elapsed_seconds'])} of training"
     lines = [trained, *_settings_lines(settings)]
     if isinstance(state.get("data"), dict) and state["data"].get("path"):
         lines.append(f"data        {state['data']['path']}")
@@ -69,11 +70,6 @@ def _settings_lines(settings):
         return lines
     except (KeyError, TypeError, ValueError):
         return [f"settings    unknown: no readable {OPTIMIZER_FILE} beside it"]
-
-
-def _duration(seconds):
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
-        f"{seconds / 3600:.1f} h"
 
 
 def _describe_optimizer(path, metadata):
@@ -107,23 +103,47 @@ def _parse_state(metadata):
 
 
 def _last_losses(path, step):
-    """The last batch loss and the last evaluation in log.csv at or before step, as words. Rows that are
-    not whole (a write cut short) are passed over."""
+    """The last batch loss and the last evaluation in log.csv at or before step, as words."""
+    if not os.path.exists(path):
+        return f"not logged (no {LOG_FILE})"
+    try:
+        rows = [row for row in read_log(path) if int(row["step"]) <= step and row["loss"]]
+    except LogError as error:
+        return f"unreadable: {error.message()}"
+    if not rows:
+        return f"nothing logged up to step {step:,}"
+    words = f"batch {float(rows[-1]['loss']):.4f} at step {rows[-1]['step']}"
+    evaluations = [row for row in rows if row["train_loss"] or row["val_loss"]]
+    if evaluations:
+        last = evaluations[-1]
+        scores = [f"{label} {float(last[key]):.4f}" for key, label in (("train_loss", "train"),
+                                                                      ("val_loss", "validation")) if last[key]]
+        words += f"; evaluated at step {last['step']}: {', '.join(scores)}"
+    return words
+
+
+class LogError(UserError):
+    """A run's log.csv that is not one (a damaged file)."""
+
+
+def read_log(path):
+    """The rows of a run's log.csv ([] when there is none), each a dict of LOG_FIELDS' strings. A last
+    line without its newline (a write cut short by a kill) is left out; anything else that is not a row
+    of LOG_FIELDS with an integer step is a LogError."""
+    if not os.path.exists(path):
+        return []
     try:
         with open(path, newline="", encoding="utf-8") as file:
-            rows = [row for row in csv.DictReader(file)
-                    if (row.get("step") or "").isdigit() and int(row["step"]) <= step and row.get("loss")]
-        if not rows:
-            return f"nothing logged up to step {step:,}"
-        words = f"batch {float(rows[-1]['loss']):.4f} at step {rows[-1]['step']}"
-        evaluations = [row for row in rows if row.get("train_loss") or row.get("val_loss")]
-        if evaluations:
-            last = evaluations[-1]
-            scores = [f"{label} {float(last[key]):.4f}" for key, label in (("train_loss", "train"),
-                                                                          ("val_loss", "validation")) if last[key]]
-            words += f"; evaluated at step {last['step']}: {', '.join(scores)}"
-        return words
-    except FileNotFoundError:
-        return f"not logged (no {LOG_FILE})"
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as error:
-        return f"{LOG_FILE} unreadable ({error})"
+            lines = file.read().splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        reader = csv.DictReader(lines, strict=True)
+        rows = list(reader)
+        if reader.fieldnames != LOG_FIELDS:
+            raise ValueError(f"its columns are not {','.join(LOG_FIELDS)}")
+        for number, row in enumerate(rows, start=2):
+            if None in row or None in row.values() or not row["step"].isdigit():
+                raise ValueError(f"line {number} is not a row of the log")
+    except (UnicodeDecodeError, csv.Error, ValueError) as error:
+        raise LogError(f"{path} is damaged ({error})") from None
+    return rows
