@@ -6,10 +6,11 @@ from npllama.cli.progress import Progress
 from npllama.config import human_duration
 
 
-def lines_of(total, start=0, every_seconds=30.0, items=None, clock=None):
+def lines_of(total, start=0, every_seconds=30.0, items=None, clock=None, quiet_seconds=0.0):
     stream = io.StringIO()  # not a terminal
     with Progress(total, "training", "step", start=start, describe=lambda item: f"loss {item}",
-                  every_seconds=every_seconds, stream=stream, **({"clock": clock} if clock else {})) as bar:
+                  every_seconds=every_seconds, stream=stream, quiet_seconds=quiet_seconds,
+                  **({"clock": clock} if clock else {})) as bar:
         for item in items if items is not None else range(start + 1, total + 1):
             bar.update(item)
     return stream.getvalue().splitlines()
@@ -51,3 +52,12 @@ def test_the_estimate_leaves_out_the_first_items_start_up():
     lines = lines_of(100, items=range(1, 11), clock=lambda: next(ticks))
     assert "training: about 1m59s for 100 steps (timed over the first 6)" in lines
     assert lines[-1].endswith("training: step 10/100 (10%)  loss 10  elapsed 29s  ETA 1m30s")  # 1 s a step
+
+
+def test_quick_work_says_nothing_and_slow_work_speaks_after_its_quiet_time():
+    quick = iter([0, *range(1, 12)])  # 1 s a tensor, quiet for 2 s: from the second tensor on, as usual
+    lines = lines_of(10, items=range(1, 11), clock=lambda: next(quick), quiet_seconds=2.0)
+    assert [line.split("  ")[0] for line in lines if " step " in line] == \
+        [f"training: step {n}/10 ({10 * n}%)" for n in range(2, 11)]
+    instant = iter([0.0] * 12)
+    assert lines_of(10, items=range(1, 11), clock=lambda: next(instant), quiet_seconds=2.0) == []

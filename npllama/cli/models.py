@@ -1,4 +1,5 @@
 """Commands on model files: presets, load-weights, info, export-hf, merge-lora, export-gguf."""
+import contextlib
 import os
 import warnings
 
@@ -7,6 +8,7 @@ import click
 from ..config import PRESETS, LlamaConfig, human_count
 from ..io import run_files, weights
 from .common import refuse_to_overwrite
+from .progress import Stages
 
 
 @click.command()
@@ -42,7 +44,8 @@ def load_weights(source, out, tokenizer_path, dtype, force):
     config, params, tokenizer = weights.load(source, tokenizer_path)
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-    weights.save(out, config, params, tokenizer, dtype=None if dtype == "keep" else dtype)
+    with _writing(out) as on_tensor:
+        weights.save(out, config, params, tokenizer, dtype=None if dtype == "keep" else dtype, on_tensor=on_tensor)
     click.echo(f"wrote {out}")
     with warnings.catch_warnings():  # anything to say about the file was said reading the source
         warnings.simplefilter("ignore")
@@ -70,7 +73,8 @@ def export_hf(weights_path, outdir, force):
     if os.path.isdir(outdir) and os.listdir(outdir) and not force:
         raise click.ClickException(f"{outdir} is not empty; pass --force to write into it")
     config, params, tokenizer = weights.load(weights_path)
-    written = weights.export_hf(outdir, config, params, tokenizer)
+    with _writing(outdir) as on_tensor:
+        written = weights.export_hf(outdir, config, params, tokenizer, on_tensor)
     click.echo(f"wrote {outdir} ({', '.join(written)})")
     if tokenizer is not None and tokenizer.kind == "char":
         click.echo(f"note: HF has no tokenizer format for {tokenizer.describe()}; keep using {weights_path} "
@@ -88,7 +92,9 @@ def merge_lora(weights_path, adapters_path, out, force):
     refuse_to_overwrite(out, force)
     config, params, tokenizer = weights.load(weights_path)
     adapters, info = weights.load_adapters(adapters_path, config, base_params=params)
-    weights.save(out, config, weights.merge_adapters(params, adapters, info["alpha"] / info["rank"]), tokenizer)
+    with _writing(out) as on_tensor:
+        weights.save(out, config, weights.merge_adapters(params, adapters, info["alpha"] / info["rank"]), tokenizer,
+                     on_tensor=on_tensor)
     click.echo(f"wrote {out}: {len(adapters) // 2} adapters of rank {info['rank']} merged into {weights_path}")
 
 
@@ -105,11 +111,23 @@ def export_gguf(weights_path, out, quant_type, force):
     config, params, tokenizer = weights.load(weights_path)
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-    weights.export_gguf(out, config, params, tokenizer, quant_type)
+    with _writing(out) as on_tensor:
+        weights.export_gguf(out, config, params, tokenizer, quant_type, on_tensor)
     click.echo(f"wrote {out} ({quant_type})")
     if tokenizer is None:
         click.echo(f"note: {weights_path} has no tokenizer, so neither has {out}; llama.cpp needs one to load it",
                    err=True)
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """The on_tensor(done, total) of a writer, shown as progress once it has taken 2 s (a 7B model
+    takes minutes)."""
+    stages = Stages("tensor", quiet_seconds=2.0)
+    try:
+        yield lambda done, total: stages(f"writing {path}", done, total)
+    finally:
+        stages.close()
 
 
 COMMANDS = [presets, load_weights, info, export_hf, merge_lora, export_gguf]

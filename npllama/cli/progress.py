@@ -15,11 +15,13 @@ class Progress:
     """`with Progress(total, "training", "step") as progress: ... progress.update(item)` for each item
     done, counting on from `start` items done before (a resumed run's steps); describe(item) is the
     text shown beside the count (the loss, the speed). The pace is timed from the first item's end:
-    the first also pays for starting up (worker processes, caches, a GPU's kernels)."""
+    the first also pays for starting up (worker processes, caches, a GPU's kernels). Work that may be
+    quick says nothing before quiet_seconds have passed (then its lines follow the same rule)."""
 
     def __init__(self, total, label, unit, start=0, describe=lambda item: "", every_seconds=30.0, stream=None,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, quiet_seconds=0.0):
         self.total, self.label, self.unit, self.describe = total, label, unit, describe
+        self.quiet_seconds = quiet_seconds
         self.every_seconds, self.stream, self.clock = every_seconds, stream or sys.stderr, clock
         self.first = self.done = start
         self.started, self.first_done_at, self.estimated = clock(), None, False
@@ -27,11 +29,16 @@ class Progress:
         self.bar = None
 
     def __enter__(self):
-        if self.stream.isatty():
-            self.bar = click.progressbar(length=self.total - self.first, label=self.label, file=self.stream,
-                                         item_show_func=lambda item: item and self.describe(item), show_eta=True)
-            self.bar.__enter__()
+        if self.quiet_seconds == 0 and self.stream.isatty():
+            self._start_bar()
         return self
+
+    def _start_bar(self, already=0):
+        """The terminal's bar, `already` items along."""
+        self.bar = click.progressbar(length=self.total - self.first, label=self.label, file=self.stream,
+                                     item_show_func=lambda item: item and self.describe(item), show_eta=True)
+        self.bar.__enter__()
+        self.bar.update(already)
 
     def __exit__(self, *exception):
         if self.bar is not None:
@@ -42,6 +49,10 @@ class Progress:
         now = self.clock()
         if self.first_done_at is None:
             self.first_done_at = now
+        if now - self.started < self.quiet_seconds:
+            return
+        if self.bar is None and self.stream.isatty():  # the quiet time is over
+            self._start_bar(already=self.done - self.first - 1)
         if self.bar is not None:
             self.bar.update(1, item)
         elif self._line_due(now):
@@ -82,13 +93,13 @@ class Stages:
     """Progress of work in named stages, fed as on_progress(stage, done, total): a Progress for each
     stage, closed when the stage is done or the next begins. Call close() when the work ends."""
 
-    def __init__(self, unit="batch"):
-        self.unit, self.stage, self.progress = unit, None, None
+    def __init__(self, unit="batch", **settings):
+        self.unit, self.settings, self.stage, self.progress = unit, settings, None, None
 
     def __call__(self, stage, done, total):
         if stage != self.stage:
             self.close()
-            self.stage, self.progress = stage, Progress(total, stage, self.unit).__enter__()
+            self.stage, self.progress = stage, Progress(total, stage, self.unit, **self.settings).__enter__()
         self.progress.update()
         if done == total:
             self.close()

@@ -42,14 +42,20 @@ class LazyTensors(collections.abc.Mapping):
         return len(self._entries)
 
 
-def host_tensors(config, params, dtype=None):
-    """The config's tensors, each moved to the host (and converted to dtype) only when it is written."""
-    tensors = LazyTensors()
-    for name in parameter_shapes(config):
+def host_tensors(config, params, dtype=None, on_tensor=lambda done, total: None):
+    """The config's tensors, each moved to the host (and converted to dtype) only when it is written;
+    on_tensor(done, total) is called as each is made (a writer's progress)."""
+    tensors, names = LazyTensors(), list(parameter_shapes(config))
+    for number, name in enumerate(names, start=1):
         stored, shape = safetensors_file.dtype_and_shape(params, name)
-        tensors.add(name, dtype or stored, shape,
-                    lambda name=name: dtypes.convert(backend.to_host(params[name]), dtype or stored))
+        tensors.add(name, dtype or stored, shape, lambda name=name, number=number, stored=stored: _made(
+            dtypes.convert(backend.to_host(params[name]), dtype or stored), on_tensor, number, len(names)))
     return tensors
+
+
+def _made(array, on_tensor, number, total):
+    on_tensor(number, total)
+    return array
 
 
 def read_safetensors(path):

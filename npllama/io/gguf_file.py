@@ -315,11 +315,12 @@ def _tokenizer(path, metadata):
 
 
 # ---- export -------------------------------------------------------------------------------------------
-def export(path, config, params, tokenizer=None, quant_type="f16"):
+def export(path, config, params, tokenizer=None, quant_type="f16", on_tensor=lambda done, total: None):
     """Write a GGUF file llama.cpp runs, as convert_hf_to_gguf.py would from the same HF checkpoint: its
     metadata, names and q/k order; matrices in quant_type ('f32', 'f16', 'bf16' or 'q8_0'; a matrix whose
     rows the blocks do not divide falls back to F16, as the converter does), norms and rope_freqs in F32.
-    Tensors are made and written one at a time, to a temporary file renamed to path at the end."""
+    Tensors are made and written one at a time (on_tensor(done, total) after each), to a temporary file
+    renamed to path at the end."""
     import gguf
     if quant_type not in EXPORT_TYPES:
         raise WeightsError(f"{path}: GGUF type {quant_type!r} is not one npllama writes ({', '.join(EXPORT_TYPES)})")
@@ -335,8 +336,9 @@ def export(path, config, params, tokenizer=None, quant_type="f16"):
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, _, qtype, make in plan:
+        for done, (_, _, qtype, make) in enumerate(plan, start=1):
             writer.write_tensor_data(gguf.quants.quantize(make(), qtype))
+            on_tensor(done, len(plan))
         writer.close()
 
 

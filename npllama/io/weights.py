@@ -48,15 +48,16 @@ RUN_MODEL_FILE = "model.safetensors"  # where a training run keeps its model (tr
 CONFIG_KEY, TOKENIZER_KEY, VERSION_KEY = "npllama.config", "npllama.tokenizer", "npllama.version"
 
 
-def save(path, config, params, tokenizer=None, dtype=None, metadata=None):
+def save(path, config, params, tokenizer=None, dtype=None, metadata=None, on_tensor=lambda done, total: None):
     """Write the npllama weights file atomically; dtype (e.g. 'fp16') converts tensors, else kept.
-    metadata (str -> str) is stored beside the config (training writes its step there)."""
+    metadata (str -> str) is stored beside the config (training writes its step there); on_tensor(done,
+    total) as each tensor is made to be written."""
     _check_vocabulary(path, config, tokenizer, warn=False)
     metadata = {**(metadata or {}), "format": "pt", VERSION_KEY: FORMAT_VERSION,
                 CONFIG_KEY: json.dumps(config.to_dict())}
     if tokenizer is not None:
         metadata[TOKENIZER_KEY] = tokenizers.to_metadata(tokenizer)
-    safetensors_file.write(path, host_tensors(config, params, dtype), metadata)
+    safetensors_file.write(path, host_tensors(config, params, dtype, on_tensor), metadata)
 
 
 def load(path, tokenizer_path=None):
