@@ -50,7 +50,7 @@ class Frozen:
 
     def converted(self, convert, matrix):
         """The same role around convert(values, matrix) (to compute with: generation.py, model.py)."""
-        return Frozen(convert(self.values, matrix))
+        return Frozen(linear.converted(self.values, convert, matrix))
 
 
 class Adapted(Frozen):
@@ -77,11 +77,13 @@ class Adapted(Frozen):
         return True
 
     def converted(self, convert, matrix):
-        return Adapted(convert(self.values, matrix), convert(self.a, False), convert(self.b, False), self.scale)
+        return Adapted(linear.converted(self.values, convert, matrix), convert(self.a, False), convert(self.b, False),
+                       self.scale)
 
     def merged(self):
-        """W + s · B A: the plain weight that computes what this one does."""
-        return self.values + (self.b @ self.a) * self.scale
+        """W + s · B A: the plain weight that computes what this one does (a quantized W widened)."""
+        weight = self.values if backend.is_array(self.values) else self.values.dequantized()
+        return weight + (self.b @ self.a) * self.scale
 
 
 # ---- adapters on a model's parameters -----------------------------------------------------------------

@@ -30,7 +30,7 @@ from .errors import UserError, setting
 from .io import files, weights
 from .io.tokenizer import TokenizerError
 from .ops import cross_entropy, linear
-from .runtime import cpu, parallel
+from .runtime import cpu, parallel, quantized
 
 PROMPT = "{text} Overall, the movie was"
 SEPARATOR = "|||"
@@ -204,7 +204,8 @@ def shard_loss_and_grads(arrays, config, lora_scale, batch, scale):
     LoRA adapters when lora_scale is not None) and the head's."""
     head = {name[len(HEAD):]: value for name, value in arrays.items() if name.startswith(HEAD)}
     model_arrays = {name: value for name, value in arrays.items() if not name.startswith(HEAD)}
-    return batch_loss_and_grads(adapters.with_adapters(model_arrays, lora_scale), config, head, batch, scale)
+    return batch_loss_and_grads(adapters.with_adapters(quantized.from_arrays(model_arrays), lora_scale), config,
+                                head, batch, scale)
 
 
 # ---- fine-tuning ------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
     scale = lora_alpha / lora_rank if lora_rank else None
     trained = adapters.init_adapters(params, config, ("q_proj", "v_proj"), lora_rank, lora_alpha,
                                      seed) if lora_rank else params
-    arrays = {**params, **trained, **{HEAD + name: value for name, value in head.items()}}
+    arrays = {**quantized.as_arrays(params), **trained, **{HEAD + name: value for name, value in head.items()}}
     trained_arrays = {**trained, **{HEAD + name: value for name, value in head.items()}}
     optimizer = adamw.AdamW(lr=lr, weight_decay=weight_decay)
     seam = parallel.workers(min(workers, batch_size))
@@ -363,6 +364,10 @@ def run(weights_path, label_names_path, dev_path, train_path=None, test_path=Non
     for split, rows in examples.items():
         check_coverage(tokenizer, rows, paths[split])
     params = model.trainable(params)
+    blocks = [value for value in params.values() if not backend.is_array(value)]
+    if blocks and settings.mode == "finetune" and not settings.lora_rank:
+        raise ClassifyError(f"{weights_path} holds quantized weights ({blocks[0].kind}): fine-tuning every weight "
+                            f"needs float ones; fine-tune LoRA adapters on them ({setting('lora_rank')})")
     counts = np.bincount([label for label, _ in examples["dev"]], minlength=len(names))
     baseline = float(counts.max() / counts.sum())
     on_ready(len(examples["dev"]), baseline)

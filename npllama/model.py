@@ -51,10 +51,11 @@ def init_params(config, seed=0, dtype="float32"):
 
 
 def trainable(params, dtype="fp32"):
-    """Writable copies of params on the active device, in the master dtype (fp16/bf16 widened)."""
+    """Writable copies of params on the active device, in the master dtype (fp16/bf16 widened); a
+    weight object (quantized blocks) is kept as it is: it can be a frozen base, not be trained."""
     master = np.dtype(dtypes.resolve(dtype))
     return {name: backend.to_device(np.array(dtypes.compute_array(np.asarray(backend.to_host(value)), master)))
-            for name, value in params.items()}
+            if backend.is_array(value) else value for name, value in params.items()}
 
 
 def head_name(config):
@@ -125,7 +126,7 @@ class Weights:
         self._rotation = None
 
     def _computed(self, weight, matrix=True):
-        return self.convert(weight, matrix) if backend.is_array(weight) else weight.converted(self.convert, matrix)
+        return linear.converted(weight, self.convert, matrix)
 
     def _prepared(self, key, make):
         if self._kept is None:

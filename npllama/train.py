@@ -43,7 +43,7 @@ from .io import run_files
 from .io.run_files import (ADAPTERS_FILE, LOG_FIELDS, LOG_FILE, MODEL_FILE, OPTIMIZER_FILE,  # the run's files
                            STEP_KEY, TRAIN_KEY)
 from .ops.lm_head import IGNORE_INDEX
-from .runtime import cpu, parallel
+from .runtime import cpu, parallel, quantized
 
 CURVES_FILE = "curves.png"
 NEXT = ".next"  # a checkpoint's files are written under NAME.next first (see TrainingRun.save)
@@ -196,7 +196,8 @@ class StepReport:
 def shard_loss_and_grads(arrays, config, lora_scale, tokens, targets, scale):
     """One shard's loss, and the gradient of scale × that loss (the task each worker runs). lora_scale:
     None, or the adapters' alpha / rank (the arrays hold a frozen base and adapters)."""
-    return model.loss_and_grads(adapters.with_adapters(arrays, lora_scale), config, tokens, targets, scale)
+    return model.loss_and_grads(adapters.with_adapters(quantized.from_arrays(arrays), lora_scale), config, tokens,
+                                targets, scale)
 
 
 def sharded_loss_and_grads(arrays, config, tokens, targets, shards=1, workers=None, lora_scale=None):
@@ -253,8 +254,9 @@ class TrainingRun:
     def __init__(self, directory, config, params, tokenizer, settings, ids, data_info,
                  optimizer=None, step=0, rng_state=None, elapsed=0.0, base_params=None):
         self.directory, self.config, self.params, self.tokenizer = directory, config, params, tokenizer
-        self.arrays = {**base_params, **params} if settings.lora_rank else params  # what the workers share
-        self.model_params = adapters.with_adapters(self.arrays, settings.lora_scale)
+        # what the workers share: arrays only, a quantized base as its blocks (runtime/quantized.as_arrays)
+        self.arrays = quantized.as_arrays({**base_params, **params}) if settings.lora_rank else params
+        self.model_params = adapters.with_adapters(quantized.from_arrays(self.arrays), settings.lora_scale)
         self.settings, self.data_info = settings, data_info
         os.makedirs(directory, exist_ok=True)
         if settings.context is not None and settings.context > config.max_position_embeddings:
@@ -359,7 +361,7 @@ class TrainingRun:
         if self.settings.lora_rank:
             weights.save_adapters(self.checkpoint_file + NEXT, self.params, self.settings.lora_rank,
                                   self.settings.lora_alpha, self.settings.lora_targets,
-                                  metadata={STEP_KEY: str(self.step)}, base_params=self.arrays,
+                                  metadata={STEP_KEY: str(self.step)}, base_params=quantized.from_arrays(self.arrays),
                                   base_name=self.settings.init)
         else:
             weights.save(self.checkpoint_file + NEXT, self.config, self.params, self.tokenizer,
@@ -528,6 +530,11 @@ def _start(directory, data_path, tokenizer_spec, preset, model_settings, setting
     ids, info = _read_data(text, data_path, tokenizer, directory,
                            f"the tokenizer of {init}" if init else "the tokenizer")
     params = model.trainable(params, settings.dtype)
+    blocks = [value for value in params.values() if not backend.is_array(value)]
+    if blocks and not settings.lora_rank:
+        raise TrainError(f"{init} holds quantized weights ({blocks[0].kind}): training every weight needs float ones; "
+                         f"train LoRA adapters on them ({setting('lora_rank')}), or convert them first "
+                         "(load-weights --dtype fp32)")
     if not settings.lora_rank:
         return TrainingRun(directory, config, params, tokenizer, settings, ids, info)
     lora = adapters.init_adapters(params, config, settings.lora_targets, settings.lora_rank, settings.lora_alpha,

@@ -63,8 +63,16 @@ def product(x, weight):
 
 
 def input_grad(dy, weight):
-    """dx = dy W for an array W: (..., out) -> (..., in)."""
+    """dx = dy W: (..., out) -> (..., in); a weight object gives its own (e.g. a frozen quantized base's)."""
+    if not backend.is_array(weight):
+        return weight.input_grad(dy)
     return (rows(dy) @ weight).reshape(*dy.shape[:-1], weight.shape[1])
+
+
+def converted(weight, convert, matrix):
+    """The weight as it is computed with: convert(array, matrix) for an array; an object converts itself
+    (keeping its role: frozen, adapted, quantized)."""
+    return convert(weight, matrix) if backend.is_array(weight) else weight.converted(convert, matrix)
 
 
 def weight_grad(dy, x):

@@ -42,20 +42,28 @@ class Streamed:
         blocks = list(self._blocks())
         workers = max(1, min(cpu.usable_cores(), len(blocks)))
         if workers == 1 or not cpu.blas_threads_settable():
-            _multiply(self.stored, rows, blocks, y)
+            _multiply(self.widen, rows, blocks, y)
         else:
             shares = [blocks[i::workers] for i in range(workers)]  # interleaved: neighbours run together
             with cpu.single_threaded_blas():
-                helpers = [_pool(workers - 1).submit(_multiply, self.stored, rows, share, y) for share in shares[1:]]
+                helpers = [_pool(workers - 1).submit(_multiply, self.widen, rows, share, y) for share in shares[1:]]
                 try:
-                    _multiply(self.stored, rows, shares[0], y)
+                    _multiply(self.widen, rows, shares[0], y)
                 finally:
                     for helper in helpers:  # BLAS goes back to its threads only once they are done
                         helper.result()
         return y.reshape(*x.shape[:-1], self.shape[0]), None
 
     def backward(self, dy, cache):
+        """(dx, None): the weight itself gets no gradient."""
+        return self.input_grad(dy), None
+
+    def input_grad(self, dy):
         raise TypeError("a streamed weight is for inference: it has no backward")
+
+    def widen(self, start, end):
+        """Rows start … end − 1 in the compute dtype (a weight stored otherwise overrides this)."""
+        return dtypes.compute_array(self.stored[start:end], self.dtype)
 
     def _blocks(self):
         """(first row, end row) of every block."""
@@ -63,10 +71,10 @@ class Streamed:
         return ((start, min(start + per_block, self.shape[0])) for start in range(0, self.shape[0], per_block))
 
 
-def _multiply(stored, x, blocks, y):
-    """y[:, rows of each block] = x · widen(stored[rows])ᵀ."""
+def _multiply(widen, x, blocks, y):
+    """y[:, rows of each block] = x · widen(rows)ᵀ."""
     for start, end in blocks:
-        np.matmul(x, dtypes.compute_array(stored[start:end], y.dtype).T, out=y[:, start:end])
+        np.matmul(x, widen(start, end).T, out=y[:, start:end])
 
 
 @functools.lru_cache(maxsize=None)

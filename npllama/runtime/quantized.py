@@ -1,0 +1,179 @@
+"""Weights kept in llama.cpp's quantized blocks and multiplied as stored.
+
+A row of an (out, in) weight is cut into blocks of 32 values; each block keeps small integers and a
+float16 scale (ggml-quants.c's reference formulas; d, m rounded to float16 when stored):
+    q8_0   d = max|x| / 127          q = round(x / d) ∈ [−127, 127]     x̂ = d·q            34 bytes
+    q4_0   d = x_m / −8              q = min(15, ⌊x / d + 8.5⌋)         x̂ = d·(q − 8)      18 bytes
+           (x_m: the block's value of largest magnitude, its sign kept)
+    q4_1   d = (max − min) / 15,     q = min(15, ⌊(x − m) / d + 0.5⌋)   x̂ = d·q + m        20 bytes
+           m = min
+round() is half away from zero; a block of zeros has d = 0 and q = 0. Two 4-bit values share a byte:
+byte j holds value j in its low nibble and value j + 16 in its high one. The bytes are those of a
+GGUF file's tensor, so a memory-mapped GGUF tensor is used as it is.
+
+The product widens one block of rows at a time into float32 and multiplies with BLAS, the blocks
+shared among the cores as runtime/streamed.py does; a token's decode then reads about a quarter
+(q8_0) or an eighth (q4_*) of float32's bytes. The backward gives dx = dy Ŵ the same way (a frozen
+base under LoRA adapters); there is no gradient for the weight itself. The embedding gathers and
+widens only the rows it is asked for (`weight[ids]`).
+"""
+import numpy as np
+
+from .streamed import Streamed
+
+BLOCK = 32
+LAYOUTS = {  # a block's fields, as the bytes lie in GGUF and in the npllama weights file
+    "q8_0": np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK,))]),
+    "q4_0": np.dtype([("d", "<f2"), ("qs", "u1", (BLOCK // 2,))]),
+    "q4_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (BLOCK // 2,))]),
+}
+
+
+class QuantizeError(ValueError):
+    """A tensor that cannot be put in blocks (its rows are not a multiple of the block)."""
+
+
+def quantize(array, kind):
+    """An (out, in) float array in `kind`'s blocks (module docstring): a Quantized weight."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim != 2 or array.shape[1] % BLOCK:
+        raise QuantizeError(f"{kind} quantizes matrices whose rows are a multiple of {BLOCK} values, "
+                            f"not shape {array.shape}")
+    x = array.reshape(array.shape[0], -1, BLOCK)
+    blocks = np.zeros(x.shape[:2], dtype=LAYOUTS[kind])
+    _QUANTIZERS[kind](x, blocks)
+    return Quantized(kind, blocks)
+
+
+def _scale_inverse(d):
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d)
+
+
+def _quantize_q8_0(x, blocks):
+    d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
+    scaled = x * _scale_inverse(d)
+    blocks["qs"] = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))  # round half away from zero
+    blocks["d"] = d[..., 0]
+
+
+def _quantize_q4_0(x, blocks):
+    extreme = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)
+    d = extreme / np.float32(-8)
+    q = np.minimum(np.trunc(x * _scale_inverse(d) + np.float32(8.5)), 15).astype(np.uint8)
+    blocks["qs"] = _pack(q)
+    blocks["d"] = d[..., 0]
+
+
+def _quantize_q4_1(x, blocks):
+    low, high = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    d = (high - low) / np.float32(15)
+    q = np.minimum(np.trunc((x - low) * _scale_inverse(d) + np.float32(0.5)), 15).astype(np.uint8)
+    blocks["qs"] = _pack(q)
+    blocks["d"], blocks["m"] = d[..., 0], low[..., 0]
+
+
+_QUANTIZERS = {"q8_0": _quantize_q8_0, "q4_0": _quantize_q4_0, "q4_1": _quantize_q4_1}
+
+
+def _pack(q):
+    """(…, 32) values 0-15 -> (…, 16) bytes: value j low, value j + 16 high."""
+    return q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << np.uint8(4))
+
+
+def _unpack(qs):
+    """(…, 16) bytes -> (…, 32) values 0-15, as float32."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1).astype(np.float32)
+
+
+def dequantize(kind, blocks):
+    """x̂ (module docstring) of blocks (…, n): float32 (…, n·32)."""
+    d = blocks["d"].astype(np.float32)[..., None]
+    if kind == "q8_0":
+        x = blocks["qs"].astype(np.float32) * d
+    elif kind == "q4_0":
+        x = (_unpack(blocks["qs"]) - np.float32(8)) * d
+    else:
+        x = _unpack(blocks["qs"]) * d + blocks["m"].astype(np.float32)[..., None]
+    return x.reshape(*blocks.shape[:-1], -1)
+
+
+SEPARATOR = "@"  # as_arrays' names: NAME@q8_0
+
+
+def as_arrays(params):
+    """params with each Quantized weight as its blocks' bytes (out, in / 32 × block bytes) under
+    NAME@KIND: what the shard pool shares between processes (plain arrays only); from_arrays undoes it."""
+    return {f"{name}{SEPARATOR}{value.kind}" if isinstance(value, Quantized) else name:
+            value.blocks.view(np.uint8) if isinstance(value, Quantized) else value for name, value in params.items()}
+
+
+def from_arrays(arrays):
+    """Inverse of as_arrays."""
+    params = {}
+    for name, value in arrays.items():
+        base, _, kind = name.partition(SEPARATOR)
+        params[base] = Quantized(kind, value.view(LAYOUTS[kind])) if kind else value
+    return params
+
+
+class Quantized(Streamed):
+    """An (out, in) weight held as `kind` blocks (out, in / 32) of LAYOUTS[kind]: a weight of the
+    product seam (ops/linear.py), and an embedding table (weight[ids])."""
+
+    def __init__(self, kind, blocks):
+        if kind not in LAYOUTS:
+            raise QuantizeError(f"unknown block type {kind!r}; npllama keeps {', '.join(LAYOUTS)}")
+        if blocks.dtype != LAYOUTS[kind] or blocks.ndim != 2:
+            raise QuantizeError(f"{kind} blocks must be a 2-D array of {LAYOUTS[kind]}, got {blocks.dtype} "
+                                f"{blocks.shape}")
+        super().__init__(blocks, np.float32)
+        self.kind, self.blocks = kind, blocks
+
+    @classmethod
+    def from_bytes(cls, kind, data, shape):
+        """The weight of `shape` (out, in) whose blocks are the bytes `data` (a GGUF tensor's, or the
+        weights file's; memory-mapped data stays so)."""
+        out, width = shape
+        layout = LAYOUTS[kind]
+        if width % BLOCK or data.size != out * width // BLOCK * layout.itemsize:
+            raise QuantizeError(f"{data.size:,} bytes are not {kind} blocks of a {out} × {width} weight "
+                                f"({out * width // BLOCK * layout.itemsize:,} bytes)")
+        return cls(kind, np.ascontiguousarray(data).reshape(-1).view(layout).reshape(out, width // BLOCK))
+
+    @property
+    def shape(self):
+        return self.blocks.shape[0], self.blocks.shape[1] * BLOCK
+
+    @property
+    def nbytes(self):
+        return self.blocks.nbytes
+
+    @property
+    def values(self):
+        """What the model reads besides products: the weight itself (an embedding gathers its rows)."""
+        return self
+
+    def converted(self, convert, matrix):
+        """Kept as blocks, whatever the compute dtype (a product widens to float32)."""
+        return self
+
+    def widen(self, start, end):
+        return dequantize(self.kind, self.blocks[start:end])
+
+    def __getitem__(self, ids):
+        """The rows ids (any integer array), widened: ids.shape + (in,)."""
+        ids = np.asarray(ids)
+        return dequantize(self.kind, self.blocks[ids.reshape(-1)]).reshape(*ids.shape, self.shape[1])
+
+    def input_grad(self, dy):
+        """dx = dy Ŵ, a block of rows at a time (backward's dx; the blocks get no gradient: frozen)."""
+        rows = dy.reshape(-1, dy.shape[-1])
+        dx = np.zeros((rows.shape[0], self.shape[1]), dtype=np.float32)
+        for start, end in self._blocks():
+            dx += rows[:, start:end].astype(np.float32, copy=False) @ self.widen(start, end)
+        return dx.reshape(*dy.shape[:-1], self.shape[1]).astype(dy.dtype, copy=False)
+
+    def dequantized(self):
+        """The whole weight as float32 (for writing it elsewhere, and for tests)."""
+        return self.widen(0, self.shape[0])

@@ -1,0 +1,130 @@
+"""Quantized blocks (runtime/quantized.py): bit-exact with llama.cpp's reference formulas (gguf-py's
+NumPy port of ggml-quants.c is the independent reference), their round-trip error bound, and the
+model computing with them: products, the embedding's rows, decoding, and LoRA adapters trained over a
+quantized base (the gradient through the widened product)."""
+import gguf
+import numpy as np
+import pytest
+
+from npllama import LlamaConfig, adapters, forward, generation, init_params, loss_and_grads
+from npllama.runtime import parallel
+from npllama.runtime.quantized import LAYOUTS, QuantizeError, Quantized, as_arrays, from_arrays, quantize
+from npllama import train
+
+GGML = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1}
+KINDS = list(GGML)
+
+
+def awkward_matrix(rng, rows=24, width=160):
+    """Rows of very different scales, a zero block, a constant block, a block with one outlier and
+    values that land on .5 after scaling (where rounding rules differ)."""
+    x = (rng.standard_normal((rows, width)) * rng.uniform(1e-3, 5, (rows, 1))).astype(np.float32)
+    x[1, :32] = 0
+    x[2, 32:64] = -0.75
+    x[3, 64:96] = 0.01
+    x[3, 70] = 40.0
+    x[4, :32] = np.arange(32, dtype=np.float32) - 15.5
+    return x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocks_are_llama_cpps_bit_for_bit(kind, rng):
+    x = awkward_matrix(rng)
+    ours = quantize(x, kind)
+    reference = gguf.quants.quantize(x, GGML[kind])
+    assert np.array_equal(ours.blocks.view(np.uint8).reshape(reference.shape), reference)
+    assert np.array_equal(ours.dequantized(), gguf.quants.dequantize(reference, GGML[kind]))
+    from_file = Quantized.from_bytes(kind, reference, x.shape)  # the bytes as a GGUF file holds them
+    assert np.array_equal(from_file.dequantized(), ours.dequantized())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_round_trip_error_is_within_the_formats_bound(kind, rng):
+    """|x − x̂| ≤ step/2 per block, the step being d (q8_0) or (max − min)/15 (q4_1), and a whole step
+    d for q4_0 (its 16 levels are −8d … 7d), plus what storing d (and m) in float16 adds: relative 2⁻¹¹
+    of each term."""
+    x = awkward_matrix(rng).reshape(-1, 32).astype(np.float64)
+    error = np.abs(x - quantize(x.reshape(24, 160), kind).dequantized().reshape(-1, 32))
+    magnitude = np.abs(x).max(axis=1, keepdims=True)
+    if kind == "q8_0":
+        d = magnitude / 127
+        bound = d / 2 + 127 * d * 2 ** -11
+    elif kind == "q4_0":  # the extreme maps to −8·d; its opposite side stops at 7·d: up to one step off
+        d = magnitude / 8
+        bound = d + 8 * d * 2 ** -11
+    else:
+        d = (x.max(axis=1, keepdims=True) - x.min(axis=1, keepdims=True)) / 15
+        bound = d / 2 + 15 * d * 2 ** -11 + np.abs(x.min(axis=1, keepdims=True)) * 2 ** -11
+    assert np.all(error <= bound * (1 + 1e-6) + 1e-12)
+    assert np.all(error[1 * 5] == 0)  # the zero block (row 1's first block) is exact
+
+
+def test_what_cannot_be_blocks_is_refused(rng):
+    with pytest.raises(QuantizeError, match="rows are a multiple of 32 values, not shape"):
+        quantize(rng.standard_normal((4, 40)), "q8_0")
+    with pytest.raises(QuantizeError, match="unknown block type 'q3_k'"):
+        Quantized("q3_k", np.zeros((2, 1), LAYOUTS["q8_0"]))
+    with pytest.raises(QuantizeError, match="are not q4_0 blocks of a 4 × 64 weight"):
+        Quantized.from_bytes("q4_0", np.zeros(4 * 2 * 18 - 1, np.uint8), (4, 64))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_products_gathers_and_dx_equal_the_widened_weights(kind, rng):
+    weight = quantize(awkward_matrix(rng, rows=96, width=128), kind)
+    dense = weight.dequantized()
+    x = rng.standard_normal((2, 3, 128)).astype(np.float32)
+    y, cache = weight.forward(x)
+    np.testing.assert_allclose(y, x @ dense.T, rtol=1e-5, atol=1e-4)
+    dy = rng.standard_normal((2, 3, 96)).astype(np.float32)
+    dx, grad = weight.backward(dy, cache)
+    assert grad is None
+    np.testing.assert_allclose(dx, dy @ dense, rtol=1e-5, atol=1e-4)
+    ids = np.array([[5, 0], [95, 5]])
+    assert np.array_equal(weight[ids], dense[ids])
+
+
+def quantized_model(kind, seed=0):
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         tie_word_embeddings=True)
+    params = init_params(config, seed=seed)
+    held = {name: quantize(value, kind) if value.ndim == 2 else value for name, value in params.items()}
+    dense = {name: value.dequantized() if isinstance(value, Quantized) else value for name, value in held.items()}
+    return config, held, dense
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_model_on_blocks_computes_what_its_widened_weights_do(kind, rng):
+    """Logits (the embedding gathered from blocks, the tied head multiplied by them), then greedy
+    decoding over the KV cache, resident and streamed."""
+    config, held, dense = quantized_model(kind)
+    tokens = rng.integers(0, 96, (2, 12))
+    np.testing.assert_allclose(forward(held, config, tokens), forward(dense, config, tokens), rtol=1e-4, atol=1e-4)
+    prompt = [1, 5, 9]
+    expected = generation.generate(dense, config, prompt, 10)
+    assert generation.generate(held, config, prompt, 10) == expected
+
+
+def test_lora_adapters_learn_over_a_quantized_base(rng):
+    """The loss and the adapters' gradients over a q8_0 base equal those over its widened weights, in
+    one process and summed across the shard pool's processes (the base shared as its blocks' bytes)."""
+    config, held, dense = quantized_model("q8_0")
+    lora = adapters.init_adapters(dense, config, ("q_proj", "v_proj"), 4, 8.0, seed=1)
+    for value in lora.values():
+        value += rng.standard_normal(value.shape).astype(np.float32) * 0.1  # B ≠ 0: both paths matter
+    tokens, targets = rng.integers(0, 96, (4, 12)), rng.integers(0, 96, (4, 12))
+    expected_loss, expected = loss_and_grads(adapters.attach(dense, lora, 2.0), config, tokens, targets)
+    loss, grads = loss_and_grads(adapters.attach(held, lora, 2.0), config, tokens, targets)
+    assert abs(loss - expected_loss) < 1e-5
+    for name in lora:
+        np.testing.assert_allclose(grads[name], expected[name], rtol=1e-4, atol=1e-6)
+    arrays = as_arrays({**held, **lora})
+    assert all(isinstance(value, np.ndarray) for value in arrays.values())
+    assert {name: type(value) for name, value in from_arrays(arrays).items()} == \
+        {name: type(value) for name, value in {**held, **lora}.items()}
+    pooled_loss, pooled = train.sharded_loss_and_grads(arrays, config, tokens, targets, shards=2,
+                                                      workers=parallel.workers(2), lora_scale=2.0)
+    assert abs(pooled_loss - expected_loss) < 1e-5
+    for name in lora:
+        np.testing.assert_allclose(pooled[name], expected[name], rtol=1e-4, atol=1e-6)
