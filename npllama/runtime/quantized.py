@@ -81,20 +81,22 @@ def _pack(q):
     return q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << np.uint8(4))
 
 
-def _unpack(qs):
-    """(…, 16) bytes -> (…, 32) values 0-15, as float32."""
-    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1).astype(np.float32)
-
-
 def dequantize(kind, blocks):
-    """x̂ (module docstring) of blocks (…, n): float32 (…, n·32)."""
+    """x̂ (module docstring) of blocks (…, n): float32 (…, n·32). The blocks' fields are read in place
+    (strided: no copy of them); 4-bit values are unpacked into int8 first, so that the one float pass
+    widens and scales together (float16 scales widened once per block, not per value)."""
     d = blocks["d"].astype(np.float32)[..., None]
     if kind == "q8_0":
-        x = blocks["qs"].astype(np.float32) * d
-    elif kind == "q4_0":
-        x = (_unpack(blocks["qs"]) - np.float32(8)) * d
+        q = blocks["qs"]
     else:
-        x = _unpack(blocks["qs"]) * d + blocks["m"].astype(np.float32)[..., None]
+        q = np.empty((*blocks.shape, BLOCK), dtype=np.int8)
+        np.bitwise_and(blocks["qs"], 15, out=q[..., :BLOCK // 2], casting="unsafe")
+        np.right_shift(blocks["qs"], 4, out=q[..., BLOCK // 2:], casting="unsafe")
+        if kind == "q4_0":
+            q -= np.int8(8)
+    x = np.multiply(q, d, dtype=np.float32)
+    if kind == "q4_1":
+        x += blocks["m"].astype(np.float32)[..., None]
     return x.reshape(*blocks.shape[:-1], -1)
 
 
