@@ -1,6 +1,8 @@
 """Floating-point storage types, and bfloat16 without library support.
 
-Weights are kept in the dtype they were stored in: float32, float16 or bfloat16. NumPy (and CuPy) have
+Weights are kept in the dtype they were stored in: float32, float16 or bfloat16, or in llama.cpp's
+quantized blocks (runtime/quantized.py), whose storage type is named by the block type: "q8_0", "q4_0",
+"q4_1" (a string, as no NumPy dtype describes a block of several values). NumPy (and CuPy) have
 no bfloat16, so a bf16 tensor is held as its raw 16-bit patterns under a tagged dtype, BFLOAT16,
 on which arithmetic fails loudly instead of silently treating the bits as integers.
 
@@ -23,18 +25,29 @@ BY_NAME = {"fp32": np.dtype(np.float32), "float32": np.dtype(np.float32),
 SAFETENSORS_CODES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BFLOAT16,
                      "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"),
                      "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
+QUANTIZED = ("q8_0", "q4_0", "q4_1")  # block types, runtime/quantized.py's LAYOUTS
 
 
 def resolve(dtype):
-    """A dtype from a name ('fp16', 'bf16', ...) or anything np.dtype accepts."""
+    """A storage type from a name ('fp16', 'bf16', 'q8_0', ...) or anything np.dtype accepts: a dtype, or
+    a block type's name."""
+    if isinstance(dtype, str) and dtype.lower() in QUANTIZED:
+        return dtype.lower()
     if isinstance(dtype, str) and dtype.lower() in BY_NAME:
         return BY_NAME[dtype.lower()]
     return BFLOAT16 if dtype is BFLOAT16 else np.dtype(dtype)
 
 
+def is_quantized(dtype):
+    """Whether a storage type (resolved) is a block type rather than a dtype."""
+    return isinstance(dtype, str)
+
+
 def name(dtype):
-    """Short name of a storage dtype: 'fp32', 'fp16', 'bf16', 'fp64'."""
+    """Short name of a storage type: 'fp32', 'fp16', 'bf16', 'fp64', or a block type ('q8_0')."""
     dtype = resolve(dtype)
+    if is_quantized(dtype):
+        return dtype
     return {np.float32: "fp32", np.float16: "fp16", np.float64: "fp64"}.get(dtype.type, "bf16") \
         if dtype == BFLOAT16 or dtype.kind == "f" else str(dtype)
 

@@ -6,7 +6,8 @@ import warnings
 import click
 
 from ..config import PRESETS, LlamaConfig, human_count
-from ..io import run_files, weights
+from ..dtypes import QUANTIZED
+from ..io import gguf_file, run_files, weights
 from .common import refuse_to_overwrite
 from .progress import Stages
 
@@ -30,8 +31,10 @@ def presets():
               help="The npllama weights file to write (e.g. weights/7b.safetensors).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(),
               help="A tokenizer file to embed (SentencePiece .model, tokenizer.json). Default: the source's own.")
-@click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True,
-              help="Dtype to store the tensors in; keep: as the source stores them.")
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16", *QUANTIZED]), default="keep",
+              show_default=True, help="Dtype to store the tensors in; keep: as the source stores them; q8_0, q4_0, "
+              "q4_1: llama.cpp's blocks for the matrices (norms fp32; a matrix whose rows are not a multiple of 32 "
+              "fp16); fp32, fp16, bf16 dequantize quantized tensors.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists (default: refuse).")
 def load_weights(source, out, tokenizer_path, dtype, force):
     """Import SOURCE into one npllama weights file (config and tokenizer embedded).
@@ -39,7 +42,8 @@ def load_weights(source, out, tokenizer_path, dtype, force):
     SOURCE is an HF checkpoint directory (config.json, model.safetensors or sharded with an index,
     tokenizer.model), a Meta directory (params.json, consolidated.NN.pth, tokenizer.model; read without
     torch), a llama2.c .bin (legacy, or versioned 'ak42' v1/v2), a GGUF file (llama.cpp's: F32, F16,
-    BF16, or quantized Q4_0 … Q8_0 and K-quants, dequantized to fp32), or an npllama weights file."""
+    BF16, Q8_0, Q4_0 and Q4_1 kept as they are; Q5_0, Q5_1 and K-quants made Q8_0), or an npllama
+    weights file."""
     refuse_to_overwrite(out, force)
     config, params, tokenizer = weights.load(source, tokenizer_path)
     if os.path.dirname(out):
@@ -67,7 +71,8 @@ def info(path):
 @click.option("--force", is_flag=True, help="Write into OUTDIR even if it is not empty (default: refuse).")
 def export_hf(weights_path, outdir, force):
     """Write WEIGHTS as an HF transformers directory (config.json, model.safetensors and the tokenizer:
-    tokenizer.model or tokenizer.json, tokenizer_config.json with the chat template, generation_config.json)."""
+    tokenizer.model or tokenizer.json, tokenizer_config.json with the chat template, generation_config.json).
+    A quantized model is written in fp32 (its dequantized values, exactly)."""
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise click.ClickException(f"{outdir} is a file; OUTDIR names the directory to write")
     if os.path.isdir(outdir) and os.listdir(outdir) and not force:
@@ -101,7 +106,7 @@ def merge_lora(weights_path, adapters_path, out, force):
 @click.command("export-gguf")
 @click.argument("weights_path", metavar="WEIGHTS", type=click.Path())
 @click.argument("out", metavar="OUT.gguf", type=click.Path())
-@click.option("--type", "quant_type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16",
+@click.option("--type", "quant_type", type=click.Choice(list(gguf_file.EXPORT_TYPES)), default="f16",
               show_default=True, help="The matrices' type (norms stay f32, as llama.cpp's converter keeps them).")
 @click.option("--force", is_flag=True, help="Overwrite OUT.gguf if it exists (default: refuse).")
 def export_gguf(weights_path, out, quant_type, force):

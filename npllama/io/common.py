@@ -1,13 +1,17 @@
-"""What the checkpoint formats share: WeightsError, tensors made when read (LazyTensors), and
-reading the pieces a checkpoint is made of (safetensors, config JSON, tokenizer) with one-line errors."""
+"""What the checkpoint formats share: WeightsError, tensors made when read (LazyTensors), tensors put in
+the storage type they are written in (host_tensors), and reading the pieces a checkpoint is made of
+(safetensors, config JSON, tokenizer) with one-line errors."""
 import collections.abc
 import json
 import os
 import warnings
 
+import numpy as np
+
 from .. import backend, dtypes
 from ..config import ConfigError, LlamaConfig, parameter_shapes
 from ..errors import Notice, UserError
+from ..runtime.quantized import BLOCK, Quantized, quantize
 from . import safetensors_file, tokenizer as tokenizers
 
 
@@ -16,8 +20,9 @@ class WeightsError(UserError):
 
 
 class LazyTensors(collections.abc.Mapping):
-    """name -> array, each made when it is read (and not kept): joining shards, permuting rows and
-    converting dtypes happen one tensor at a time. dtype and shape are known without making it."""
+    """name -> array (or Quantized weight), each made when it is read (and not kept): joining shards,
+    permuting rows and converting dtypes happen one tensor at a time. Its storage type (dtypes.resolve's)
+    and shape are known without making it."""
 
     def __init__(self):
         self._entries = {}
@@ -43,14 +48,52 @@ class LazyTensors(collections.abc.Mapping):
 
 
 def host_tensors(config, params, dtype=None, on_tensor=lambda done, total: None):
-    """The config's tensors, each moved to the host (and converted to dtype) only when it is written;
-    on_tensor(done, total) is called as each is made (a writer's progress)."""
+    """The config's tensors, each moved to the host and put in its storage type only when it is written;
+    on_tensor(done, total) is called as each is made (a writer's progress). dtype None keeps each as
+    stored; a float dtype converts every tensor (quantized ones dequantized); a block type ('q8_0',
+    'q4_0', 'q4_1') quantizes every matrix whose rows are a multiple of the 32-value block and keeps
+    vectors (the norms) float32 and other matrices float16 (said in one Notice naming them)."""
     tensors, names = LazyTensors(), list(parameter_shapes(config))
+    shapes = {name: safetensors_file.dtype_and_shape(params, name) for name in names}
+    wanted = None if dtype is None else dtypes.resolve(dtype)
+    targets = {name: stored if wanted is None else _storage_type(wanted, shape)
+               for name, (stored, shape) in shapes.items()}
+    unblocked = [name for name, (_, shape) in shapes.items()
+                 if dtypes.is_quantized(wanted) and len(shape) == 2 and targets[name] != wanted]
+    if unblocked:
+        warnings.warn(f"{', '.join(unblocked)}: rows not a multiple of {BLOCK} values cannot be {wanted} blocks; "
+                      "kept in fp16", Notice)
     for number, name in enumerate(names, start=1):
-        stored, shape = safetensors_file.dtype_and_shape(params, name)
-        tensors.add(name, dtype or stored, shape, lambda name=name, number=number, stored=stored: _made(
-            dtypes.convert(backend.to_host(params[name]), dtype or stored), on_tensor, number, len(names)))
+        tensors.add(name, targets[name], shapes[name][1], lambda name=name, number=number: _made(
+            as_storage_type(params[name], targets[name]), on_tensor, number, len(names)))
     return tensors
+
+
+def _storage_type(dtype, shape):
+    """What a tensor of shape is written in when dtype is asked for: a block type only for a matrix whose
+    rows the blocks divide (float32 for a vector, float16 for another matrix); a float dtype as it is."""
+    if not dtypes.is_quantized(dtype):
+        return dtype
+    if len(shape) != 2:
+        return np.dtype(np.float32)
+    return dtype if shape[1] % BLOCK == 0 else np.dtype(np.float16)
+
+
+def as_storage_type(value, dtype):
+    """A weight (host or device array, or Quantized) on the host in the storage type dtype: converted,
+    dequantized or quantized (runtime/quantized.py's formulas); itself when it already is."""
+    if isinstance(value, Quantized) and value.kind == dtype:
+        return value
+    if dtypes.is_quantized(dtype):
+        return quantize(host_floats(value, np.float32), dtype)
+    return dtypes.convert(value.dequantized() if isinstance(value, Quantized) else backend.to_host(value), dtype)
+
+
+def host_floats(value, dtype=None):
+    """A weight's values as a host array to compute with (bf16 widened, a Quantized weight dequantized to
+    float32: x̂ = d·q, d·(q − 8) or d·q + m), cast to dtype when one is given."""
+    array = value.dequantized() if isinstance(value, Quantized) else backend.to_host(value)
+    return dtypes.compute_array(array, dtype)
 
 
 def _made(array, on_tensor, number, total):

@@ -26,6 +26,13 @@ q and k rows. llama.cpp's Llama rotates adjacent features (x₂ᵢ, x₂ᵢ₊�
 That is rope.to_pairs, which counts heads as rows/hd (n_head for q, n_head_kv for k): export applies it,
 read its inverse rope.from_pairs.
 
+Quantized tensors. Q8_0, Q4_0 and Q4_1 are kept as they are stored, memory-mapped: their blocks are
+runtime/quantized.py's (a q or k weight's rows are reordered, which copies that tensor). The other types
+npllama reads (Q5_0, Q5_1 and the K-quants Q2_K … Q6_K) are dequantized with gguf-py once, when read,
+and quantized again to Q8_0: x̂ = d·round(w/d), d = max|w|/127 per 32 values. That adds at most d/2 to
+each value (plus d's fp16 rounding, 2⁻¹¹·d per unit of q): on the Q4_K and Q6_K tensors of llama.cpp's
+quantization of random weights it adds 0.53% of their RMS (relative RMS of x̂ − w: tests/test_quantized_io.py).
+
 RoPE scaling. llama.rope.scaling.type "linear" with llama.rope.scaling.factor f divides every θᵢ by f.
 For Llama 3.1's scaling the converter writes no keys but a tensor rope_freqs of divisors, and llama.cpp
 rotates by θᵢ / rope_freqs[i]: 1 at short wavelengths, the factor f at long ones, and between them
@@ -42,12 +49,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend, dtypes
+from .. import dtypes
 from ..config import EMBEDDING, FINAL_NORM, LM_HEAD, ConfigError, LlamaConfig, block_param_name, parameter_shapes
 from ..errors import UserError
 from ..ops import rope
+from ..runtime.quantized import Quantized, quantize
 from . import files, tokenizer_gguf
-from .common import LazyTensors, WeightsError
+from .common import LazyTensors, WeightsError, host_floats
 
 ARCHITECTURE = "llama"
 TOP_NAMES = {"token_embd.weight": EMBEDDING, "output_norm.weight": FINAL_NORM, "output.weight": LM_HEAD}
@@ -55,10 +63,11 @@ BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "q_proj", "attn_k": "k_
                "attn_output": "o_proj", "ffn_norm": "post_attention_layernorm", "ffn_gate": "gate_proj",
                "ffn_up": "up_proj", "ffn_down": "down_proj"}
 ROPE_FREQS = "rope_freqs.weight"
-KEPT_TYPES = ("F32", "F16", "BF16")  # memory-mapped as stored
-DEQUANTIZED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+KEPT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")  # memory-mapped as stored
+CONVERTED_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # made Q8_0 when read
 EXPORT_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
-                "q8_0": ("Q8_0", "MOSTLY_Q8_0")}  # --type -> (ggml type of the matrices, general.file_type)
+                "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+                "q4_1": ("Q4_1", "MOSTLY_Q4_1")}  # --type -> (ggml type of the matrices, general.file_type)
 LLAMA3_ORIGINAL_CONTEXT = 8192  # convert_hf_to_gguf's default for original_max_position_embeddings
 DIVISOR_RTOL = 1e-5  # the divisors are float32: recomputed ones must agree to about that
 
@@ -66,7 +75,8 @@ DIVISOR_RTOL = 1e-5  # the divisors are float32: recomputed ones must agree to a
 # ---- read ---------------------------------------------------------------------------------------------
 def read(path):
     """(config, params, tokenizer) of a GGUF file of a Llama: F32/F16/BF16 tensors memory-mapped as stored,
-    quantized ones dequantized to float32 when read, q/k rows in HF's order."""
+    Q8_0/Q4_0/Q4_1 ones as Quantized weights on the file's blocks, other quantized types made Q8_0 when
+    read (module docstring), a quantized vector float32; q/k rows in HF's order."""
     metadata, tensors = read_file(path)
     architecture = metadata.get("general.architecture")
     if architecture != ARCHITECTURE:
@@ -282,20 +292,23 @@ def _hf_name(path, name):
 
 
 def _add_tensor(path, params, name, tensor, head_dim):
-    """params[name] made when read: a memory-mapped view, or dequantized; q/k rows back in HF's order."""
+    """params[name] made when read (module docstring), q/k rows back in HF's order."""
     kind = tensor.type.name
-    if kind not in KEPT_TYPES + DEQUANTIZED_TYPES:
+    if kind not in KEPT_TYPES + CONVERTED_TYPES:
         raise WeightsError(f"{path}: tensor {tensor.name} has type {kind}, which npllama cannot read (it reads "
-                           f"{', '.join(KEPT_TYPES + DEQUANTIZED_TYPES)})")
-    dtype = {"F32": np.float32, "F16": np.float16, "BF16": dtypes.BFLOAT16}.get(kind, np.float32)
+                           f"{', '.join(KEPT_TYPES + CONVERTED_TYPES)})")
     permute = name.endswith(("q_proj.weight", "k_proj.weight"))
-    params.add(name, dtype, tensor.shape, lambda: _in_hf_order(_stored(tensor), head_dim, permute))
-
-
-def _stored(tensor):
-    if tensor.type.name == "BF16":
-        return tensor.data.view(dtypes.BFLOAT16)
-    return tensor.data if tensor.type.name in KEPT_TYPES else _dequantize(tensor)
+    stored = {"F32": np.float32, "F16": np.float16, "BF16": dtypes.BFLOAT16}.get(kind)
+    if stored is not None:
+        params.add(name, stored, tensor.shape, lambda: _in_hf_order(tensor.data.view(stored), head_dim, permute))
+    elif len(tensor.shape) != 2:
+        params.add(name, np.float32, tensor.shape, lambda: _dequantize(tensor))
+    elif kind in KEPT_TYPES:
+        params.add(name, kind.lower(), tensor.shape, lambda: Quantized.from_bytes(
+            kind.lower(), _in_hf_order(tensor.data, head_dim, permute), tensor.shape))
+    else:
+        params.add(name, "q8_0", tensor.shape, lambda: quantize(_in_hf_order(_dequantize(tensor), head_dim, permute),
+                                                                "q8_0"))
 
 
 def _dequantize(tensor):
@@ -317,8 +330,10 @@ def _tokenizer(path, metadata):
 # ---- export -------------------------------------------------------------------------------------------
 def export(path, config, params, tokenizer=None, quant_type="f16", on_tensor=lambda done, total: None):
     """Write a GGUF file llama.cpp runs, as convert_hf_to_gguf.py would from the same HF checkpoint: its
-    metadata, names and q/k order; matrices in quant_type ('f32', 'f16', 'bf16' or 'q8_0'; a matrix whose
-    rows the blocks do not divide falls back to F16, as the converter does), norms and rope_freqs in F32.
+    metadata, names and q/k order; matrices in quant_type ('f32', 'f16', 'bf16', 'q8_0', 'q4_0' or 'q4_1',
+    quantized by gguf-py, llama.cpp's reference; a matrix whose rows the blocks do not divide falls back to
+    F16, as the converter does; a weight already in quant_type's blocks is written as it is), norms and
+    rope_freqs in F32.
     Tensors are made and written one at a time (on_tensor(done, total) after each), to a temporary file
     renamed to path at the end."""
     import gguf
@@ -336,14 +351,14 @@ def export(path, config, params, tokenizer=None, quant_type="f16", on_tensor=lam
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for done, (_, _, qtype, make) in enumerate(plan, start=1):
-            writer.write_tensor_data(gguf.quants.quantize(make(), qtype))
+        for done, (_, _, _, make) in enumerate(plan, start=1):
+            writer.write_tensor_data(make())
             on_tensor(done, len(plan))
         writer.close()
 
 
 def _tensor_plan(config, params, matrix_type):
-    """[(GGUF name, shape, ggml type, make float32 array)] in the converter's order: rope_freqs first."""
+    """[(GGUF name, shape, ggml type, make the data to write)] in the converter's order: rope_freqs first."""
     import gguf
     gguf_names = {hf: gguf_name for gguf_name, hf in TOP_NAMES.items()}
     for layer in range(config.num_hidden_layers):
@@ -358,9 +373,19 @@ def _tensor_plan(config, params, matrix_type):
         if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             qtype = gguf.GGMLQuantizationType.F16
         permute = name.endswith(("q_proj.weight", "k_proj.weight"))
-        plan.append((gguf_names[name], shape, qtype, lambda name=name, permute=permute: _in_gguf_order(
-            dtypes.compute_array(backend.to_host(params[name]), np.float32), config.head_dim, permute)))
+        plan.append((gguf_names[name], shape, qtype, lambda name=name, qtype=qtype, permute=permute: _gguf_data(
+            params[name], qtype, config.head_dim, permute)))
     return plan
+
+
+def _gguf_data(value, qtype, head_dim, permute):
+    """A weight as GGUF stores it in qtype, in llama.cpp's row order: a Quantized weight of that very type
+    as its bytes, unchanged; anything else quantized by gguf-py from its float32 values (a Quantized
+    weight of another type dequantized first)."""
+    import gguf
+    if isinstance(value, Quantized) and value.kind == qtype.name.lower():
+        return _in_gguf_order(np.ascontiguousarray(value.blocks).view(np.uint8), head_dim, permute)
+    return gguf.quants.quantize(_in_gguf_order(host_floats(value, np.float32), head_dim, permute), qtype)
 
 
 def _in_gguf_order(array, head_dim, permute):

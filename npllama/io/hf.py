@@ -43,10 +43,13 @@ def export(directory, config, params, tokenizer=None, on_tensor=lambda done, tot
     """Write an HF transformers checkpoint directory that LlamaForCausalLM.from_pretrained and
     AutoTokenizer.from_pretrained load: config.json, model.safetensors and the tokenizer's files
     (tokenizer.model or tokenizer.json, tokenizer_config.json, generation_config.json). HF has no
-    format for a character vocabulary: it is left out. Returns the names of the files written.
+    format for a character vocabulary: it is left out, nor for quantized blocks: a model that holds any
+    is written in float32, which holds their values exactly. Returns the names of the files written.
     on_tensor(done, total) as each tensor is made to be written."""
     os.makedirs(directory, exist_ok=True)
-    stored = {dtypes.name(safetensors_file.dtype_and_shape(params, name)[0]) for name in params}
+    stored = {safetensors_file.dtype_and_shape(params, name)[0] for name in params}
+    dtype = "fp32" if any(dtypes.is_quantized(kind) for kind in stored) else None
+    stored = {dtypes.name(dtype or kind) for kind in stored}
     torch_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
     hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
                  "torch_dtype": torch_dtype[stored.pop()] if len(stored) == 1 else "float32",
@@ -56,7 +59,7 @@ def export(directory, config, params, tokenizer=None, on_tensor=lambda done, tot
     written = _tokenizer_files(tokenizer) if tokenizer is not None and tokenizer.kind != "char" else {}
     if written:
         hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=_one_or_list(tokenizer.eos_ids))
-    safetensors_file.write(os.path.join(directory, "model.safetensors"), host_tensors(config, params, None, on_tensor),
+    safetensors_file.write(os.path.join(directory, "model.safetensors"), host_tensors(config, params, dtype, on_tensor),
                            {"format": "pt"})
     _write_json(os.path.join(directory, "config.json"), hf_config)
     for name in TOKENIZER_FILES:  # an earlier export's files do not belong to this model

@@ -8,6 +8,9 @@ Layout (https://github.com/huggingface/safetensors):
 Reading maps the file once and views each tensor in place, so a 13.5 GB file costs no memory until
 its pages are touched. Writing streams one tensor at a time to a temporary file beside the target,
 then renames it: an interrupted write never leaves a half-written file under the target's name.
+A quantized weight (runtime/quantized.py) is written as its blocks' bytes: a U8 tensor of shape
+(out, in / 32 × block bytes), a row of blocks per row; what it was is the writer's to record (the npllama
+weights file's metadata does).
 """
 import json
 import os
@@ -17,6 +20,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import UserError
+from ..runtime.quantized import BLOCK as QUANTIZED_BLOCK, LAYOUTS, Quantized
 from . import files
 
 MAX_HEADER_BYTES = 100 << 20  # the reference implementation's limit too
@@ -83,10 +87,10 @@ def write(path, tensors, metadata=None):
     entries, offset = {}, 0
     shapes = {}
     for name in tensors:
-        dtype, shape = dtype_and_shape(tensors, name)
+        shapes[name] = dtype_and_shape(tensors, name)
+        dtype, shape = _stored(*shapes[name])
         nbytes = dtype.itemsize * int(np.prod(shape))
         entries[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        shapes[name] = (dtype, shape)
         offset += nbytes
     header = json.dumps({"__metadata__": dict(metadata or {}), **entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # tensors start 8-byte aligned
@@ -97,16 +101,31 @@ def _blocks(header, tensors, shapes):
     """The file's bytes, one tensor at a time (a lazy mapping makes each only now)."""
     yield struct.pack("<Q", len(header)) + header
     for name, expected in shapes.items():
-        array = np.ascontiguousarray(tensors[name])
-        if (dtypes.resolve(array.dtype), tuple(array.shape)) != expected:
-            raise ValueError(f"tensor {name} is {array.dtype} {array.shape}, announced as {expected}")
+        value = tensors[name]
+        if _dtype_and_shape(value) != expected:
+            raise ValueError(f"tensor {name} is {_dtype_and_shape(value)}, announced as {expected}")
+        array = np.ascontiguousarray(value.blocks if isinstance(value, Quantized) else value)
         yield memoryview(array.reshape(-1).view(np.uint8))
 
 
+def _stored(dtype, shape):
+    """The dtype and shape a tensor of that storage type and shape has in the file: a block type's as bytes."""
+    if not dtypes.is_quantized(dtype):
+        return dtype, shape
+    out, width = shape
+    return np.dtype(np.uint8), (out, width // QUANTIZED_BLOCK * LAYOUTS[dtype].itemsize)
+
+
 def dtype_and_shape(tensors, name):
-    """A tensor's dtype and shape, without making it when the mapping can tell (a `describe` method)."""
+    """A tensor's storage type (dtypes.resolve's: a dtype, or a block type for a Quantized weight) and
+    shape, without making it when the mapping can tell (a `describe` method)."""
     describe = getattr(tensors, "describe", None)
     if describe is not None:
         return describe(name)
-    array = tensors[name]
-    return dtypes.resolve(array.dtype), tuple(array.shape)
+    return _dtype_and_shape(tensors[name])
+
+
+def _dtype_and_shape(value):
+    if isinstance(value, Quantized):
+        return value.kind, tuple(value.shape)
+    return dtypes.resolve(value.dtype), tuple(value.shape)

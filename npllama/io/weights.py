@@ -1,9 +1,12 @@
 """The npllama weights file, and the checkpoint layouts it is imported from and exported to.
 
 The npllama weights file is one safetensors file (safetensors_file.py):
-    tensors      HF transformers' names and layouts (config.py), in the dtype they were saved in
+    tensors      HF transformers' names and layouts (config.py), in the dtype they were saved in; a
+                 quantized weight (runtime/quantized.py) as its blocks' bytes: U8 (out, in / 32 × block bytes)
     metadata     "npllama.config":    the config as config.json's JSON
                  "npllama.tokenizer": the tokenizer (tokenizer.to_metadata), absent when there is none
+                 "npllama.quantized": {name: {"type": "q8_0", "shape": [out, in]}} of the quantized
+                                      weights, absent when there are none
                  "format": "pt", which lets HF's safetensors loader read the tensors too
 so `generate --weights FILE` needs no other file. `load` maps it into memory (nothing is read until
 used); `save` writes a temporary file and renames it.
@@ -17,7 +20,8 @@ Sources `load` reads (`detect` tells them apart: a directory by its files, a fil
     llama2.c .bin   the legacy header (7 int32s, vocab negative when the classifier is not shared),
                     or the versioned one (magic "ak42", version 1: float32; version 2: int8 Q8_0)
     GGUF            llama.cpp's file (magic "GGUF"): metadata, tokenizer and tensors, F32/F16/BF16 or
-                    quantized (dequantized when read); export_gguf writes one
+                    quantized (Q8_0, Q4_0, Q4_1 kept as blocks, the others made Q8_0: gguf_file.py);
+                    export_gguf writes one
 each read by its own module (hf.py, meta.py, llama2c.py, gguf_file.py). Meta, llama2.c and GGUF store
 q and k rows in RoPE's interleaved-pair order; they are permuted to HF's rotate-half order on import
 (rope.from_pairs), so the model has one convention everywhere. Converted tensors are made when read
@@ -26,6 +30,7 @@ q and k rows in RoPE's interleaved-pair order; they are permuted to HF's rotate-
 LoRA adapters have a small file of their own (save_adapters, load_adapters; merge_adapters folds them in),
 which records a fingerprint of the model they were trained on: loading them onto another model is refused.
 """
+import collections
 import json
 import os
 import re
@@ -39,25 +44,34 @@ from .. import backend, dtypes
 from ..adapters import TARGETS as LORA_TARGETS, Adapted, adapter_names
 from ..config import human_bytes, human_count, parameter_shapes
 from ..errors import Notice
+from ..runtime.quantized import Quantized, QuantizeError
 from . import gguf_file, hf, llama2c, meta, safetensors_file, tokenizer as tokenizers
-from .common import (LazyTensors, WeightsError, config_from_json, host_tensors,  # noqa: F401 (re-exported)
-                     TokenizerWarning, read_safetensors, read_tokenizer, tokenizer_settings)
+from .common import (LazyTensors, WeightsError, as_storage_type, config_from_json, host_floats,  # noqa: F401
+                     host_tensors, TokenizerWarning, read_safetensors, read_tokenizer, tokenizer_settings)
 
 FORMAT_VERSION = "1"
 RUN_MODEL_FILE = "model.safetensors"  # where a training run keeps its model (train.MODEL_FILE)
 CONFIG_KEY, TOKENIZER_KEY, VERSION_KEY = "npllama.config", "npllama.tokenizer", "npllama.version"
+QUANTIZED_KEY = "npllama.quantized"
 
 
 def save(path, config, params, tokenizer=None, dtype=None, metadata=None, on_tensor=lambda done, total: None):
-    """Write the npllama weights file atomically; dtype (e.g. 'fp16') converts tensors, else kept.
+    """Write the npllama weights file atomically; dtype converts tensors (host_tensors: 'fp16', or a block
+    type such as 'q8_0' for the matrices), else they are kept as stored, quantized ones too.
     metadata (str -> str) is stored beside the config (training writes its step there); on_tensor(done,
     total) as each tensor is made to be written."""
     _check_vocabulary(path, config, tokenizer, warn=False)
+    tensors = host_tensors(config, params, dtype, on_tensor)
     metadata = {**(metadata or {}), "format": "pt", VERSION_KEY: FORMAT_VERSION,
                 CONFIG_KEY: json.dumps(config.to_dict())}
     if tokenizer is not None:
         metadata[TOKENIZER_KEY] = tokenizers.to_metadata(tokenizer)
-    safetensors_file.write(path, host_tensors(config, params, dtype, on_tensor), metadata)
+    described = {name: tensors.describe(name) for name in tensors}
+    quantized = {name: {"type": kind, "shape": list(shape)} for name, (kind, shape) in described.items()
+                 if dtypes.is_quantized(kind)}
+    if quantized:
+        metadata[QUANTIZED_KEY] = json.dumps(quantized)
+    safetensors_file.write(path, tensors, metadata)
 
 
 def load(path, tokenizer_path=None):
@@ -152,7 +166,29 @@ def _read_npllama(path):
         raise WeightsError(f"{path}: written by a newer npllama (format {metadata[VERSION_KEY]}); upgrade npllama")
     config = config_from_json(path, metadata[CONFIG_KEY])
     tokenizer = tokenizers.from_metadata(metadata[TOKENIZER_KEY]) if TOKENIZER_KEY in metadata else None
-    return config, tensors, tokenizer
+    return config, {**tensors, **_quantized_tensors(path, metadata, tensors)}, tokenizer
+
+
+def _quantized_tensors(path, metadata, tensors):
+    """The tensors QUANTIZED_KEY lists, as Quantized weights on the file's (memory-mapped) bytes."""
+    try:
+        listed = {name: (entry["type"], tuple(int(n) for n in entry["shape"]))
+                  for name, entry in json.loads(metadata.get(QUANTIZED_KEY, "{}")).items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise WeightsError(f"{path}: its record of quantized tensors ({QUANTIZED_KEY}) is damaged") from None
+    quantized = {}
+    for name, (kind, shape) in listed.items():
+        if kind not in dtypes.QUANTIZED:
+            raise WeightsError(f"{path}: tensor {name}: {kind!r} is not a block type npllama knows "
+                               f"({', '.join(dtypes.QUANTIZED)})")
+        if name not in tensors or tensors[name].dtype != np.uint8 or len(shape) != 2:
+            raise WeightsError(f"{path}: tensor {name} is listed as {kind} blocks of shape {shape}, but the file "
+                               "has no such tensor of bytes")
+        try:
+            quantized[name] = Quantized.from_bytes(kind, tensors[name], shape)
+        except QuantizeError as error:
+            raise WeightsError(f"{path}: tensor {name}: {error}") from None
+    return quantized
 
 
 def _check(path, config, params, tokenizer):
@@ -164,7 +200,7 @@ def _check(path, config, params, tokenizer):
         dtype, found = safetensors_file.dtype_and_shape(params, name)
         if found != shape:
             raise WeightsError(f"{path}: tensor {name} has shape {found}, the config says {shape}")
-        if dtype != dtypes.BFLOAT16 and dtype.kind != "f":
+        if not dtypes.is_quantized(dtype) and dtype != dtypes.BFLOAT16 and dtype.kind != "f":
             raise WeightsError(f"{path}: tensor {name} has dtype {dtype}, not a floating-point type")
     _check_vocabulary(path, config, tokenizer)
 
@@ -185,8 +221,11 @@ def _check_vocabulary(path, config, tokenizer, warn=True):
 
 
 def describe(config, params, tokenizer, path=None):
-    """A short multi-line summary: parameters, shape, dtype, size on disk, tokenizer."""
-    stored = sorted({dtypes.name(safetensors_file.dtype_and_shape(params, name)[0]) for name in params})
+    """A short multi-line summary: parameters, shape, storage types (with their tensor counts when there
+    are several: "q8_0 (169 tensors), fp32 (61 tensors)"), size on disk, tokenizer."""
+    counts = collections.Counter(dtypes.name(safetensors_file.dtype_and_shape(params, name)[0]) for name in params)
+    stored = [f"{kind} ({count} tensors)" if len(counts) > 1 else kind for kind, count in
+              sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
     lines = [f"parameters  {config.num_parameters():,} ({human_count(config.num_parameters())})",
              f"layers      {config.num_hidden_layers}, hidden {config.hidden_size}, "
              f"intermediate {config.intermediate_size}, context {config.max_position_embeddings}",
@@ -301,9 +340,8 @@ def base_sample(weight):
     spread), as float64 on the host: what tells its model apart, in any format and precision."""
     out, inputs = weight.shape
     steps = np.arange(BASE_SAMPLES)
-    rows, columns = (backend.on_device_of(weight, steps * size // BASE_SAMPLES) for size in (out, inputs))
-    values = weight[rows, columns]
-    return dtypes.compute_array(backend.to_host(values)).astype(np.float64)
+    rows = backend.to_host(weight[backend.on_device_of(weight, steps * out // BASE_SAMPLES)])  # (a Quantized widens them)
+    return dtypes.compute_array(rows[steps, steps * inputs // BASE_SAMPLES]).astype(np.float64)
 
 
 def _check_base(path, metadata, adapters, base_params):
@@ -359,16 +397,17 @@ def _adapted_weight(path, name):
 
 
 def merge_adapters(params, adapters, scale):
-    """params with the adapted weights replaced by W + s·B A in their stored dtype (made one tensor at a
-    time, when read: only adapted tensors are widened to compute)."""
+    """params with the adapted weights replaced by W + s·B A in their storage type (made one tensor at a
+    time, when read: only adapted tensors are widened to compute); a quantized W gives Ŵ + s·B A quantized
+    again, which adds that type's rounding once more."""
     merged = LazyTensors()
     for name in params:
         dtype, shape = safetensors_file.dtype_and_shape(params, name)
         name_a, name_b = adapter_names(name) if name.endswith(".weight") else (None, None)
         if name_a in adapters:
-            make = lambda name=name, a=adapters[name_a], b=adapters[name_b], dtype=dtype: dtypes.convert(
-                Adapted(dtypes.compute_array(np.asarray(params[name])), np.asarray(a, np.float32),
-                             np.asarray(b, np.float32), scale).merged(), dtype)
+            make = lambda name=name, a=adapters[name_a], b=adapters[name_b], dtype=dtype: as_storage_type(
+                Adapted(host_floats(params[name]), np.asarray(a, np.float32), np.asarray(b, np.float32),
+                        scale).merged(), dtype)
         else:
             make = lambda name=name: params[name]
         merged.add(name, dtype, shape, make)
