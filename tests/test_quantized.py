@@ -128,3 +128,34 @@ def test_lora_adapters_learn_over_a_quantized_base(rng):
     assert abs(pooled_loss - expected_loss) < 1e-5
     for name in lora:
         np.testing.assert_allclose(pooled[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
+# ---- through the command line: a model made q8_0, then evaluated, tuned with LoRA, refused full training ----
+def test_a_quantized_model_evaluates_and_trains_lora_adapters_but_not_every_weight(tmp_path):
+    from click.testing import CliRunner
+
+    from npllama.cli import main
+    from tests.test_train import RUN_FLAGS, TEXT, assert_one_clear_line
+
+    def cli(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+    (tmp_path / "input.txt").write_text(TEXT)
+    data = ["--data", tmp_path / "input.txt"]
+    shape = ["--dim", 64, "--n-layers", 1, "--n-heads", 2, "--hidden", 128, "--context", 16]  # rows of 32s
+    assert cli("train", *data, "--out", tmp_path / "base", "--max-iters", 2, *shape, *RUN_FLAGS).exit_code == 0
+    made = cli("load-weights", tmp_path / "base", "--out", tmp_path / "q8.safetensors", "--dtype", "q8_0")
+    assert made.exit_code == 0, made.output
+    evaluated = cli("eval", "-m", tmp_path / "q8.safetensors", "--data", tmp_path / "input.txt")
+    reference = cli("eval", "-m", tmp_path / "base", "--data", tmp_path / "input.txt")
+    q8_loss, loss = (float(result.stdout.split()[1]) for result in (evaluated, reference))
+    assert abs(q8_loss - loss) < 0.01 * loss  # q8_0 within 1% of fp32
+    tuned = cli("train", *data, "--out", tmp_path / "lora", "--init", tmp_path / "q8.safetensors", "--lora-rank", 2,
+                "--max-iters", 4, *RUN_FLAGS)
+    assert tuned.exit_code == 0, tuned.output
+    assert cli("generate", "-m", tmp_path / "q8.safetensors", "--lora", tmp_path / "lora" / "adapters.safetensors",
+               "-p", "First", "-n", 4, "--temperature", 0).exit_code == 0
+    assert_one_clear_line(cli("train", *data, "--out", tmp_path / "full", "--init", tmp_path / "q8.safetensors",
+                              "--max-iters", 2, *RUN_FLAGS),
+                          f"{tmp_path / 'q8.safetensors'} holds quantized weights (q8_0): training every weight needs "
+                          "float ones; train LoRA adapters on them (--lora-rank)")
+    assert not (tmp_path / "full").exists()

@@ -26,8 +26,9 @@ q and k rows. llama.cpp's Llama rotates adjacent features (x₂ᵢ, x₂ᵢ₊�
 That is rope.to_pairs, which counts heads as rows/hd (n_head for q, n_head_kv for k): export applies it,
 read its inverse rope.from_pairs.
 
-Quantized tensors. Q8_0, Q4_0 and Q4_1 are kept as they are stored, memory-mapped: their blocks are
-runtime/quantized.py's (a q or k weight's rows are reordered, which copies that tensor). The other types
+Quantized tensors. Q8_0, Q4_0 and Q4_1 are kept as blocks: runtime/quantized.py's, whose bytes are laid
+out anew when read (each row's fields one after another: a copy of the tensor's bytes, and q and k rows
+reordered). The other types
 npllama reads (Q5_0, Q5_1 and the K-quants Q2_K … Q6_K) are dequantized with gguf-py once, when read,
 and quantized again to Q8_0: x̂ = d·round(w/d), d = max|w|/127 per 32 values. That adds at most d/2 to
 each value (plus d's fp16 rounding, 2⁻¹¹·d per unit of q): on the Q4_K and Q6_K tensors of llama.cpp's
@@ -63,7 +64,7 @@ BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "q_proj", "attn_k": "k_
                "attn_output": "o_proj", "ffn_norm": "post_attention_layernorm", "ffn_gate": "gate_proj",
                "ffn_up": "up_proj", "ffn_down": "down_proj"}
 ROPE_FREQS = "rope_freqs.weight"
-KEPT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")  # memory-mapped as stored
+KEPT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")  # as stored (the floats memory-mapped)
 CONVERTED_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # made Q8_0 when read
 EXPORT_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
                 "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
@@ -75,7 +76,7 @@ DIVISOR_RTOL = 1e-5  # the divisors are float32: recomputed ones must agree to a
 # ---- read ---------------------------------------------------------------------------------------------
 def read(path):
     """(config, params, tokenizer) of a GGUF file of a Llama: F32/F16/BF16 tensors memory-mapped as stored,
-    Q8_0/Q4_0/Q4_1 ones as Quantized weights on the file's blocks, other quantized types made Q8_0 when
+    Q8_0/Q4_0/Q4_1 ones as Quantized weights (their blocks copied), other quantized types made Q8_0 when
     read (module docstring), a quantized vector float32; q/k rows in HF's order."""
     metadata, tensors = read_file(path)
     architecture = metadata.get("general.architecture")

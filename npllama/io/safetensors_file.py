@@ -8,7 +8,7 @@ Layout (https://github.com/huggingface/safetensors):
 Reading maps the file once and views each tensor in place, so a 13.5 GB file costs no memory until
 its pages are touched. Writing streams one tensor at a time to a temporary file beside the target,
 then renames it: an interrupted write never leaves a half-written file under the target's name.
-A quantized weight (runtime/quantized.py) is written as its blocks' bytes: a U8 tensor of shape
+A quantized weight (runtime/quantized.py) is written as its bytes (Quantized.data): a U8 tensor of shape
 (out, in / 32 × block bytes), a row of blocks per row; what it was is the writer's to record (the npllama
 weights file's metadata does).
 """
@@ -104,7 +104,7 @@ def _blocks(header, tensors, shapes):
         value = tensors[name]
         if _dtype_and_shape(value) != expected:
             raise ValueError(f"tensor {name} is {_dtype_and_shape(value)}, announced as {expected}")
-        array = np.ascontiguousarray(value.blocks if isinstance(value, Quantized) else value)
+        array = np.ascontiguousarray(value.data if isinstance(value, Quantized) else value)
         yield memoryview(array.reshape(-1).view(np.uint8))
 
 

@@ -2,7 +2,8 @@
 
 The npllama weights file is one safetensors file (safetensors_file.py):
     tensors      HF transformers' names and layouts (config.py), in the dtype they were saved in; a
-                 quantized weight (runtime/quantized.py) as its blocks' bytes: U8 (out, in / 32 × block bytes)
+                 quantized weight (runtime/quantized.py) as its rows' bytes: U8 (out, in / 32 × block bytes),
+                 each row's block fields one after another (Quantized.data)
     metadata     "npllama.config":    the config as config.json's JSON
                  "npllama.tokenizer": the tokenizer (tokenizer.to_metadata), absent when there is none
                  "npllama.quantized": {name: {"type": "q8_0", "shape": [out, in]}} of the quantized
@@ -185,7 +186,7 @@ def _quantized_tensors(path, metadata, tensors):
             raise WeightsError(f"{path}: tensor {name} is listed as {kind} blocks of shape {shape}, but the file "
                                "has no such tensor of bytes")
         try:
-            quantized[name] = Quantized.from_bytes(kind, tensors[name], shape)
+            quantized[name] = Quantized.from_rows(kind, tensors[name], shape)
         except QuantizeError as error:
             raise WeightsError(f"{path}: tensor {name}: {error}") from None
     return quantized

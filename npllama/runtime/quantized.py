@@ -8,8 +8,12 @@ float16 scale (ggml-quants.c's reference formulas; d, m rounded to float16 when 
     q4_1   d = (max − min) / 15,     q = min(15, ⌊(x − m) / d + 0.5⌋)   x̂ = d·q + m        20 bytes
            m = min
 round() is half away from zero; a block of zeros has d = 0 and q = 0. Two 4-bit values share a byte:
-byte j holds value j in its low nibble and value j + 16 in its high one. The bytes are those of a
-GGUF file's tensor, so a memory-mapped GGUF tensor is used as it is.
+byte j holds value j in its low nibble and value j + 16 in its high one.
+
+In memory (and in the npllama weights file) a row's bytes are its blocks' fields one after another,
+field by field: all the row's d, then (q4_1) all its m, then all its q. GGUF interleaves them block by
+block (d q d q …, LAYOUTS); reading them strided, NumPy's int8 → float32 cast ran 3 times slower than
+over the long runs of q of this layout, so a GGUF tensor is laid out anew when read (a copy of its bytes).
 
 The product widens one block of rows at a time into float32 and multiplies with BLAS, the blocks
 shared among the cores as runtime/streamed.py does; a token's decode then reads about a quarter
@@ -22,7 +26,7 @@ import numpy as np
 from .streamed import Streamed
 
 BLOCK = 32
-LAYOUTS = {  # a block's fields, as the bytes lie in GGUF and in the npllama weights file
+LAYOUTS = {  # a block's fields, as the bytes lie in GGUF
     "q8_0": np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK,))]),
     "q4_0": np.dtype([("d", "<f2"), ("qs", "u1", (BLOCK // 2,))]),
     "q4_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (BLOCK // 2,))]),
@@ -42,7 +46,7 @@ def quantize(array, kind):
     x = array.reshape(array.shape[0], -1, BLOCK)
     blocks = np.zeros(x.shape[:2], dtype=LAYOUTS[kind])
     _QUANTIZERS[kind](x, blocks)
-    return Quantized(kind, blocks)
+    return Quantized.from_blocks(kind, blocks)
 
 
 def _scale_inverse(d):
@@ -81,23 +85,28 @@ def _pack(q):
     return q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << np.uint8(4))
 
 
-def dequantize(kind, blocks):
-    """x̂ (module docstring) of blocks (…, n): float32 (…, n·32). The blocks' fields are read in place
-    (strided: no copy of them); 4-bit values are unpacked into int8 first, so that the one float pass
-    widens and scales together (float16 scales widened once per block, not per value)."""
-    d = blocks["d"].astype(np.float32)[..., None]
+def dequantize(kind, planes):
+    """x̂ (module docstring) from the planes of some rows (Quantized.planes: d, m, qs by block): float32
+    (rows, in). 4-bit values are unpacked into int8 first, so that one float pass widens and scales
+    together (float16 scales widened once per block, not per value)."""
+    d = planes["d"].astype(np.float32)[..., None]
     if kind == "q8_0":
-        q = blocks["qs"]
+        q = planes["qs"]
     else:
-        q = np.empty((*blocks.shape, BLOCK), dtype=np.int8)
-        np.bitwise_and(blocks["qs"], 15, out=q[..., :BLOCK // 2], casting="unsafe")
-        np.right_shift(blocks["qs"], 4, out=q[..., BLOCK // 2:], casting="unsafe")
+        q = np.empty((*planes["qs"].shape[:-1], BLOCK), dtype=np.int8)
+        np.bitwise_and(planes["qs"], 15, out=q[..., :BLOCK // 2], casting="unsafe")
+        np.right_shift(planes["qs"], 4, out=q[..., BLOCK // 2:], casting="unsafe")
         if kind == "q4_0":
             q -= np.int8(8)
     x = np.multiply(q, d, dtype=np.float32)
     if kind == "q4_1":
-        x += blocks["m"].astype(np.float32)[..., None]
-    return x.reshape(*blocks.shape[:-1], -1)
+        x += planes["m"].astype(np.float32)[..., None]
+    return x.reshape(x.shape[0], -1)
+
+
+def row_bytes(kind, width):
+    """Bytes of a row of `width` values in kind's blocks."""
+    return width // BLOCK * LAYOUTS[kind].itemsize
 
 
 SEPARATOR = "@"  # as_arrays' names: NAME@q8_0
@@ -107,7 +116,7 @@ def as_arrays(params):
     """params with each Quantized weight as its blocks' bytes (out, in / 32 × block bytes) under
     NAME@KIND: what the shard pool shares between processes (plain arrays only); from_arrays undoes it."""
     return {f"{name}{SEPARATOR}{value.kind}" if isinstance(value, Quantized) else name:
-            value.blocks.view(np.uint8) if isinstance(value, Quantized) else value for name, value in params.items()}
+            value.data if isinstance(value, Quantized) else value for name, value in params.items()}
 
 
 def from_arrays(arrays):
@@ -115,41 +124,70 @@ def from_arrays(arrays):
     params = {}
     for name, value in arrays.items():
         base, _, kind = name.partition(SEPARATOR)
-        params[base] = Quantized(kind, value.view(LAYOUTS[kind])) if kind else value
+        params[base] = Quantized(kind, value) if kind else value
     return params
 
 
 class Quantized(Streamed):
-    """An (out, in) weight held as `kind` blocks (out, in / 32) of LAYOUTS[kind]: a weight of the
-    product seam (ops/linear.py), and an embedding table (weight[ids])."""
+    """An (out, in) weight held as `kind` blocks: `data`, uint8 (out, in / 32 × block bytes), each row's
+    fields one after another (module docstring). A weight of the product seam (ops/linear.py), and an
+    embedding table (weight[ids])."""
 
-    def __init__(self, kind, blocks):
+    def __init__(self, kind, data):
         if kind not in LAYOUTS:
             raise QuantizeError(f"unknown block type {kind!r}; npllama keeps {', '.join(LAYOUTS)}")
-        if blocks.dtype != LAYOUTS[kind] or blocks.ndim != 2:
-            raise QuantizeError(f"{kind} blocks must be a 2-D array of {LAYOUTS[kind]}, got {blocks.dtype} "
-                                f"{blocks.shape}")
-        super().__init__(blocks, np.float32)
-        self.kind, self.blocks = kind, blocks
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] % LAYOUTS[kind].itemsize:
+            raise QuantizeError(f"{kind} rows must be a 2-D uint8 array of whole blocks, got {data.dtype} "
+                                f"{data.shape}")
+        super().__init__(data, np.float32)
+        self.kind, self.data = kind, data
+
+    @classmethod
+    def from_blocks(cls, kind, blocks):
+        """The weight of GGUF-ordered blocks (structured LAYOUTS[kind], (out, in / 32)), laid out anew."""
+        data = np.empty((blocks.shape[0], blocks.shape[1] * LAYOUTS[kind].itemsize), dtype=np.uint8)
+        for field, (start, end) in _fields(kind, blocks.shape[1]).items():
+            data[:, start:end] = np.ascontiguousarray(blocks[field]).view(np.uint8).reshape(len(blocks), -1)
+        return cls(kind, data)
 
     @classmethod
     def from_bytes(cls, kind, data, shape):
-        """The weight of `shape` (out, in) whose blocks are the bytes `data` (a GGUF tensor's, or the
-        weights file's; memory-mapped data stays so)."""
+        """The weight of `shape` (out, in) whose blocks are the bytes of a GGUF tensor (GGUF's order)."""
+        _check_size(kind, data, shape)
         out, width = shape
-        layout = LAYOUTS[kind]
-        if width % BLOCK or data.size != out * width // BLOCK * layout.itemsize:
-            raise QuantizeError(f"{data.size:,} bytes are not {kind} blocks of a {out} × {width} weight "
-                                f"({out * width // BLOCK * layout.itemsize:,} bytes)")
-        return cls(kind, np.ascontiguousarray(data).reshape(-1).view(layout).reshape(out, width // BLOCK))
+        blocks = np.ascontiguousarray(data).reshape(-1).view(LAYOUTS[kind]).reshape(out, width // BLOCK)
+        return cls.from_blocks(kind, blocks)
+
+    @classmethod
+    def from_rows(cls, kind, data, shape):
+        """The weight of `shape` (out, in) on bytes in this class's layout (`data` of a weight; the
+        weights file's tensor, memory-mapped: used as it is)."""
+        _check_size(kind, data, shape)
+        return cls(kind, data.reshape(shape[0], row_bytes(kind, shape[1])))
+
+    @property
+    def blocks(self):
+        """The blocks in GGUF's order: structured LAYOUTS[kind], (out, in / 32) (a new array)."""
+        blocks = np.empty((self.shape[0], self.shape[1] // BLOCK), dtype=LAYOUTS[self.kind])
+        for field, plane in self.planes(0, self.shape[0]).items():
+            blocks[field] = plane
+        return blocks
+
+    def planes(self, start, end):
+        """Rows start … end − 1 as their fields' arrays (views): d (and m): (rows, n) float16; qs: (rows, n,
+        32) int8 for q8_0, (rows, n, 16) uint8 for the 4-bit types."""
+        rows, n = self.data[start:end], self.shape[1] // BLOCK
+        return {field: rows[:, first:last].view(LAYOUTS[self.kind][field].base).reshape(len(rows), n,
+                                                                                       *LAYOUTS[self.kind][field].shape)
+                for field, (first, last) in _fields(self.kind, n).items()}
 
     @property
     def shape(self):
-        return self.blocks.shape[0], self.blocks.shape[1] * BLOCK
+        return self.data.shape[0], self.data.shape[1] // LAYOUTS[self.kind].itemsize * BLOCK
 
     @property
     def nbytes(self):
-        return self.blocks.nbytes
+        return self.data.nbytes
 
     @property
     def values(self):
@@ -161,12 +199,13 @@ class Quantized(Streamed):
         return self
 
     def widen(self, start, end):
-        return dequantize(self.kind, self.blocks[start:end])
+        return dequantize(self.kind, self.planes(start, end))
 
     def __getitem__(self, ids):
         """The rows ids (any integer array), widened: ids.shape + (in,)."""
         ids = np.asarray(ids)
-        return dequantize(self.kind, self.blocks[ids.reshape(-1)]).reshape(*ids.shape, self.shape[1])
+        rows = Quantized(self.kind, self.data[ids.reshape(-1)])
+        return rows.widen(0, len(rows.data)).reshape(*ids.shape, self.shape[1])
 
     def input_grad(self, dy):
         """dx = dy Ŵ, a block of rows at a time (backward's dx; the blocks get no gradient: frozen)."""
@@ -179,3 +218,21 @@ class Quantized(Streamed):
     def dequantized(self):
         """The whole weight as float32 (for writing it elsewhere, and for tests)."""
         return self.widen(0, self.shape[0])
+
+
+def _check_size(kind, data, shape):
+    out, width = shape
+    if kind not in LAYOUTS:
+        raise QuantizeError(f"unknown block type {kind!r}; npllama keeps {', '.join(LAYOUTS)}")
+    if width % BLOCK or data.size != out * row_bytes(kind, width):
+        raise QuantizeError(f"{data.size:,} bytes are not {kind} blocks of a {out} × {width} weight "
+                            f"({out * row_bytes(kind, width):,} bytes)")
+
+
+def _fields(kind, blocks):
+    """field -> (first, end) byte of its run in a row of `blocks` blocks (the fields in LAYOUTS' order)."""
+    spans, first = {}, 0
+    for field in LAYOUTS[kind].names:
+        end = first + blocks * LAYOUTS[kind][field].itemsize
+        spans[field], first = (first, end), end
+    return spans
