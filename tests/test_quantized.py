@@ -73,6 +73,9 @@ def test_what_cannot_be_blocks_is_refused(rng):
 def test_products_gathers_and_dx_equal_the_widened_weights(kind, rng):
     weight = quantize(awkward_matrix(rng, rows=96, width=128), kind)
     dense = weight.dequantized()
+    for rows in (1, 4, 5):  # decoding's partial sums (up to PARTIAL_SUMS_UP_TO rows), then widened blocks
+        few = rng.standard_normal((rows, 128)).astype(np.float32)
+        np.testing.assert_allclose(weight.forward(few)[0], few @ dense.T, rtol=1e-5, atol=1e-4)
     x = rng.standard_normal((2, 3, 128)).astype(np.float32)
     y, cache = weight.forward(x)
     np.testing.assert_allclose(y, x @ dense.T, rtol=1e-5, atol=1e-4)

@@ -26,6 +26,7 @@ import numpy as np
 from .streamed import Streamed
 
 BLOCK = 32
+PARTIAL_SUMS_UP_TO = 4  # rows of x (decoding's one) multiplied by Quantized.multiply's partial sums
 LAYOUTS = {  # a block's fields, as the bytes lie in GGUF
     "q8_0": np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK,))]),
     "q4_0": np.dtype([("d", "<f2"), ("qs", "u1", (BLOCK // 2,))]),
@@ -89,19 +90,22 @@ def dequantize(kind, planes):
     """x̂ (module docstring) from the planes of some rows (Quantized.planes: d, m, qs by block): float32
     (rows, in). 4-bit values are unpacked into int8 first, so that one float pass widens and scales
     together (float16 scales widened once per block, not per value)."""
-    d = planes["d"].astype(np.float32)[..., None]
-    if kind == "q8_0":
-        q = planes["qs"]
-    else:
-        q = np.empty((*planes["qs"].shape[:-1], BLOCK), dtype=np.int8)
-        np.bitwise_and(planes["qs"], 15, out=q[..., :BLOCK // 2], casting="unsafe")
-        np.right_shift(planes["qs"], 4, out=q[..., BLOCK // 2:], casting="unsafe")
-        if kind == "q4_0":
-            q -= np.int8(8)
-    x = np.multiply(q, d, dtype=np.float32)
+    x = np.multiply(integers(kind, planes["qs"]), planes["d"].astype(np.float32)[..., None], dtype=np.float32)
     if kind == "q4_1":
         x += planes["m"].astype(np.float32)[..., None]
     return x.reshape(x.shape[0], -1)
+
+
+def integers(kind, qs):
+    """The blocks' q as int8 (…, 32): q8_0's as they are; 4-bit ones unpacked (q4_0's less 8)."""
+    if kind == "q8_0":
+        return qs
+    q = np.empty((*qs.shape[:-1], BLOCK), dtype=np.int8)
+    np.bitwise_and(qs, 15, out=q[..., :BLOCK // 2], casting="unsafe")
+    np.right_shift(qs, 4, out=q[..., BLOCK // 2:], casting="unsafe")
+    if kind == "q4_0":
+        q -= np.int8(8)
+    return q
 
 
 def row_bytes(kind, width):
@@ -200,6 +204,22 @@ class Quantized(Streamed):
 
     def widen(self, start, end):
         return dequantize(self.kind, self.planes(start, end))
+
+    def multiply(self, x, start, end, out):
+        """out = x · Ŵ[start:end]ᵀ. For a few rows of x (decoding) the scales are applied to partial sums
+        rather than to the weights: with P[b, r, n] = Σ_k q[r, b, k] · x[n, b, k], a batched product per
+        block column b, out[n, r] = Σ_b d[r, b] · P[b, r, n] (+ Σ_b m[r, b] · Σ_k x[n, b, k] for q4_1).
+        The q are only widened, not scaled: one pass over the weights instead of two."""
+        if len(x) > PARTIAL_SUMS_UP_TO:
+            return super().multiply(x, start, end, out)
+        planes = self.planes(start, end)
+        n = self.shape[1] // BLOCK
+        q = integers(self.kind, planes["qs"]).astype(np.float32)                       # (rows, n, 32)
+        xb = x.reshape(len(x), n, BLOCK)
+        partial = np.matmul(q.transpose(1, 0, 2), xb.transpose(1, 2, 0))              # (n, rows, N)
+        np.einsum("brn,rb->nr", partial, planes["d"].astype(np.float32), out=out)
+        if self.kind == "q4_1":
+            out += xb.sum(axis=-1) @ planes["m"].astype(np.float32).T
 
     def __getitem__(self, ids):
         """The rows ids (any integer array), widened: ids.shape + (in,)."""

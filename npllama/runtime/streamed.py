@@ -42,13 +42,13 @@ class Streamed:
         blocks = list(self._blocks())
         workers = max(1, min(cpu.usable_cores(), len(blocks)))
         if workers == 1 or not cpu.blas_threads_settable():
-            _multiply(self.widen, rows, blocks, y)
+            self._multiply(rows, blocks, y)
         else:
             shares = [blocks[i::workers] for i in range(workers)]  # interleaved: neighbours run together
             with cpu.single_threaded_blas():
-                helpers = [_pool(workers - 1).submit(_multiply, self.widen, rows, share, y) for share in shares[1:]]
+                helpers = [_pool(workers - 1).submit(self._multiply, rows, share, y) for share in shares[1:]]
                 try:
-                    _multiply(self.widen, rows, shares[0], y)
+                    self._multiply(rows, shares[0], y)
                 finally:
                     for helper in helpers:  # BLAS goes back to its threads only once they are done
                         helper.result()
@@ -65,16 +65,19 @@ class Streamed:
         """Rows start … end − 1 in the compute dtype (a weight stored otherwise overrides this)."""
         return dtypes.compute_array(self.stored[start:end], self.dtype)
 
+    def multiply(self, x, start, end, out):
+        """out = x · W[start:end]ᵀ (x: (N, in), out: (N, end − start))."""
+        np.matmul(x, self.widen(start, end).T, out=out)
+
+    def _multiply(self, x, blocks, y):
+        """y[:, rows of each block] = x · W[rows]ᵀ."""
+        for start, end in blocks:
+            self.multiply(x, start, end, y[:, start:end])
+
     def _blocks(self):
         """(first row, end row) of every block."""
         per_block = max(1, BLOCK_BYTES // (self.shape[1] * self.dtype.itemsize))
         return ((start, min(start + per_block, self.shape[0])) for start in range(0, self.shape[0], per_block))
-
-
-def _multiply(widen, x, blocks, y):
-    """y[:, rows of each block] = x · widen(rows)ᵀ."""
-    for start, end in blocks:
-        np.matmul(x, widen(start, end).T, out=y[:, start:end])
 
 
 @functools.lru_cache(maxsize=None)
