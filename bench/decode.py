@@ -5,13 +5,15 @@ transformers' greedy generate on the same weights and threads).
     python3 bench/decode.py --torch                          # and HF transformers for comparison
     python3 bench/decode.py --weights weights/7b.safetensors --new-tokens 128 --device cuda
     python3 bench/decode.py --preset smollm-135m --gguf q8_0 --torch   # read from a GGUF file of that type
+    python3 bench/decode.py --preset smollm-135m --gguf q8_0 --fp32    # and its weights widened, beside
 
 Random weights (std 0.02) of a preset's shape unless --weights names a file; the prompt is
 --prompt-tokens ids drawn at random after BOS. EOS is ignored so every run makes --new-tokens tokens.
 Prints prefill and decode tok/s, the median of --repeats runs. With --gguf the weights are first
 written as a GGUF file (export-gguf) and read back from it, as a llama.cpp model would be: the load
 time (reading the file, then making the weights the decoder computes with) is printed too, and torch
-gets the same (dequantized) weights.
+gets the same (dequantized) weights. q8_0, q4_0 and q4_1 tensors stay blocks (runtime/quantized.py);
+--fp32 times the same model with every weight widened to float32 in the same run.
 """
 import argparse
 import os
@@ -25,6 +27,7 @@ import npllama
 from npllama import backend, generation
 from npllama.io import weights
 from npllama.runtime import cpu
+from npllama.runtime.quantized import Quantized
 
 
 def npllama_speeds(params, config, prompt, new_tokens, dtype):
@@ -42,7 +45,7 @@ def torch_speeds(params, config, prompt, new_tokens, threads):
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_dict().items() if k != "rope_scaling"},
                                          rope_scaling=config.rope_scaling)
     model = transformers.LlamaForCausalLM(hf_config).eval()
-    state = {name: torch.from_numpy(np.array(backend.to_host(array), dtype=np.float32))
+    state = {name: torch.from_numpy(np.array(widened(backend.to_host(array) if backend.is_array(array) else array)))
              for name, array in params.items()}
     model.load_state_dict(state, strict=False)
     model.tie_weights()
@@ -75,6 +78,11 @@ def through_gguf(config, params, quant_type, directory):
     return config, params
 
 
+def widened(value):
+    """A weight as float32: blocks dequantized, arrays widened."""
+    return value.dequantized() if isinstance(value, Quantized) else np.asarray(value, dtype=np.float32)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="stories15M")
@@ -85,7 +93,9 @@ def main():
     parser.add_argument("--device", default="cpu", choices=backend.DEVICES)
     parser.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU)")
     parser.add_argument("--torch", action="store_true", help="also time HF transformers' generate")
-    parser.add_argument("--gguf", choices=["f32", "f16", "bf16", "q8_0"], help="read the weights from a GGUF file")
+    parser.add_argument("--gguf", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
+                        help="read the weights from a GGUF file")
+    parser.add_argument("--fp32", action="store_true", help="also time the weights widened to float32")
     args = parser.parse_args()
 
     backend.use(args.device)
@@ -103,11 +113,15 @@ def main():
     print(f"{args.weights or args.preset}: {npllama.config.human_count(config.num_parameters())} params, "
           f"{backend.describe()}, {threads} cores, prompt {len(prompt)}, {args.new_tokens} new tokens")
 
-    runs = [npllama_speeds(params, config, prompt, args.new_tokens, args.dtype) for _ in range(args.repeats)]
-    print(f"npllama  prefill {statistics.median(r[0] for r in runs):8.1f} tok/s   "
-          f"decode {statistics.median(r[1] for r in runs):8.1f} tok/s   "
-          f"(decode runs: {', '.join(f'{r[1]:.1f}' for r in runs)}; {runs[0][2]} new tokens, "
-          f"the context is {config.max_position_embeddings})")
+    variants = [("npllama", params)]
+    if args.fp32:
+        variants.append(("fp32", {name: widened(value) for name, value in params.items()}))
+    for label, variant in variants:
+        runs = [npllama_speeds(variant, config, prompt, args.new_tokens, args.dtype) for _ in range(args.repeats)]
+        print(f"{label:8} prefill {statistics.median(r[0] for r in runs):8.1f} tok/s   "
+              f"decode {statistics.median(r[1] for r in runs):8.1f} tok/s   "
+              f"(decode runs: {', '.join(f'{r[1]:.1f}' for r in runs)}; {runs[0][2]} new tokens, "
+              f"the context is {config.max_position_embeddings})")
     if args.torch:
         runs = [torch_speeds(params, config, prompt, args.new_tokens, threads) for _ in range(args.repeats)]
         print(f"torch    prefill {statistics.median(r[0] for r in runs):8.1f} tok/s   "

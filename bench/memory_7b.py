@@ -2,13 +2,15 @@
 
     python3 bench/memory_7b.py                      # writes weights/llama2-7b-random-fp16.safetensors once
     python3 bench/memory_7b.py --new-tokens 8
+    python3 bench/memory_7b.py --dtype q8_0         # its q8_0 blocks (weights/llama2-7b-random-q8_0...), once
 
 Makes (once) a 13.5 GB npllama weights file of the llama2-7b preset's shape with random float16
 weights (std 0.02; windows of one random pool, so writing it takes a minute, not ten), with the Llama 2
 tokenizer from ../shared/data embedded when it is there; then runs
     /usr/bin/time -v python3 cli.py generate --weights FILE --prompt ... -n N --device cpu
-and prints its summary line, the peak resident set size and the wall time. The file is git-ignored:
-never commit it. Delete it when done (it is 13.5 GB).
+and prints its summary line, the peak resident set size and the wall time. With --dtype q8_0, q4_0 or
+q4_1 the fp16 file is quantized into another (load-weights --dtype), which is then run. The files are
+git-ignored: never commit them. Delete them when done (13.5 GB in fp16, 7.2 GB in q8_0).
 """
 import argparse
 import os
@@ -46,6 +48,8 @@ def random_weights(config, seed=0):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=os.path.join(ROOT, "weights", "llama2-7b-random-fp16.safetensors"))
+    parser.add_argument("--dtype", choices=["fp16", "q8_0", "q4_0", "q4_1"], default="fp16",
+                        help="run the fp16 file, or its blocks of this type")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--new-tokens", type=int, default=4)
     args = parser.parse_args()
@@ -55,8 +59,15 @@ def main():
         tokenizer = tokenizers.load(TOKENIZER) if os.path.exists(TOKENIZER) else None
         print(f"writing {args.weights} ({config.num_parameters() * 2 / 1e9:.1f} GB) ...", flush=True)
         weights.save(args.weights, config, random_weights(config), tokenizer)
+    run = args.weights
+    if args.dtype != "fp16":
+        run = args.weights.replace("fp16", args.dtype)
+        if not os.path.exists(run):
+            print(f"writing {run} ...", flush=True)
+            subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "load-weights", args.weights, "--out", run,
+                            "--dtype", args.dtype], check=True)
     command = ["/usr/bin/time", "-v", sys.executable, os.path.join(ROOT, "cli.py"), "generate",
-               "--weights", args.weights, "--prompt", args.prompt, "-n", str(args.new_tokens), "--device", "cpu"]
+               "--weights", run, "--temperature", "0", "--prompt", args.prompt, "-n", str(args.new_tokens), "--device", "cpu"]
     print(" ".join(command), flush=True)
     result = subprocess.run(command, capture_output=True, text=True)
     print(result.stdout.strip())
