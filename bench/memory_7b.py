@@ -61,7 +61,8 @@ def main():
         weights.save(args.weights, config, random_weights(config), tokenizer)
     run = args.weights
     if args.dtype != "fp16":
-        run = args.weights.replace("fp16", args.dtype)
+        stem, extension = os.path.splitext(os.path.basename(args.weights))
+        run = os.path.join(os.path.dirname(args.weights), f"{stem.replace('-fp16', '')}-{args.dtype}{extension}")
         if not os.path.exists(run):
             print(f"writing {run} ...", flush=True)
             subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "load-weights", args.weights, "--out", run,

@@ -13,7 +13,6 @@ import argparse
 import math
 import os
 
-import numpy as np
 
 import npllama
 from npllama import generation, model, train

@@ -223,7 +223,7 @@ def finetune(params, config, train_set, dev_set, num_labels, epochs=5, lr=1e-4, 
     """Train a head (and the model, or LoRA adapters of rank lora_rank on q and v) on train_set
     [(label, ids)], keeping the epoch with the best dev accuracy. params: writable device arrays.
     Each batch is cut into `workers` shards, their gradients summed across workers (runtime/parallel.py)."""
-    xp, dtype = backend.array_module(params[model.EMBEDDING]), params[model.EMBEDDING].dtype
+    xp, dtype = backend.array_module(params[model.EMBEDDING]), model.default_dtype(params)  # (blocks compute in fp32)
     rng = np.random.default_rng(seed)
     head = {"weight": xp.asarray(rng.standard_normal((num_labels, config.hidden_size)) * 0.02, dtype=dtype),
             "bias": xp.zeros(num_labels, dtype=dtype)}

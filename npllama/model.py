@@ -138,7 +138,7 @@ class Weights:
     @property
     def embedding(self):
         """The embedding table as stored; kept when blocks are kept (decoding): a table made when read
-        (a dequantized GGUF, llama2.c's int8) is then made once."""
+        (a GGUF's blocks laid out anew, llama2.c's int8 widened) is then made once."""
         return self._prepared("embedding", lambda: values(self.params[EMBEDDING]))
 
     def embed(self, tokens):

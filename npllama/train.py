@@ -35,11 +35,10 @@ import warnings
 
 import numpy as np
 
-from . import adamw, adapters, backend, data, generation, model
+from . import adamw, adapters, backend, data, dtypes, generation, model
 from .config import LlamaConfig, block_param_name, human_bytes, parameter_shapes
 from .errors import Notice, UserError, setting
-from .io import files, safetensors_file, weights
-from .io import run_files
+from .io import files, run_files, safetensors_file, weights
 from .io.run_files import (ADAPTERS_FILE, LOG_FIELDS, LOG_FILE, MODEL_FILE, OPTIMIZER_FILE,  # the run's files
                            STEP_KEY, TRAIN_KEY)
 from .ops.lm_head import IGNORE_INDEX
@@ -135,11 +134,12 @@ class TrainSettings:
         adapters.check_targets(self.lora_targets)
 
 
-def memory_needed(config, settings):
+def memory_needed(config, settings, weight_bytes=None):
     """Bytes a run holds at its peak, by part: an estimate from the shapes alone, so that a run too
     large for the machine is refused before it allocates anything. With s bytes per value, P the
     model's parameters, Pₜ the trained ones (P, or a LoRA run's adapters) and W the workers:
-        weights       P·s, twice when W > 1 (the shard pool's shared copy)
+        weights       P·s (or weight_bytes: a LoRA run's base in quantized blocks), twice when W > 1
+                      (the shard pool's shared copy)
         gradients     Pₜ·s·(W + 1 if accumulating else W): every worker sums its shard's gradients in its
                       own buffer, and accumulating micro-batches keeps their sum besides
         moments       2·Pₜ·s      AdamW's m and v
@@ -159,9 +159,18 @@ def memory_needed(config, settings):
     trained = _adapter_parameters(config, settings) if settings.lora_rank else total
     per_token = layers * (6 * d + 3 * kv + 4 * f + heads * time + 2) + 2 * config.vocab_size + d
     accumulating = settings.grad_accum > 1
-    return {"weights": total * s * (2 if workers > 1 else 1), "gradients": trained * s * (workers + accumulating),
+    weights = total * s if weight_bytes is None else weight_bytes
+    return {"weights": weights * (2 if workers > 1 else 1), "gradients": trained * s * (workers + accumulating),
             "AdamW moments": 2 * trained * s,
             "activations": (batch * time * per_token + workers * layers * d * (d + 2 * kv)) * s}
+
+
+def _training_bytes(params, name, settings):
+    """A weight's bytes once model.trainable has it: blocks as stored, floats in the master dtype."""
+    stored, shape = safetensors_file.dtype_and_shape(params, name)
+    if dtypes.is_quantized(stored):
+        return shape[0] * quantized.row_bytes(stored, shape[1])
+    return int(np.prod(shape)) * (8 if settings.dtype == "fp64" else 4)
 
 
 def _adapter_parameters(config, settings):
@@ -170,10 +179,12 @@ def _adapter_parameters(config, settings):
                for layer in range(config.num_hidden_layers) for target in settings.lora_targets)
 
 
-def check_memory(config, settings, held=0):
+def check_memory(config, settings, held=0, params=None):
     """Refuse a run that needs more memory than the device has free (memory_needed), with the figures;
-    `held`: bytes of it already allocated (a resumed run's checkpoint)."""
-    parts, available = memory_needed(config, settings), backend.free_memory()
+    `held`: bytes of it already allocated (a resumed run's checkpoint); params: the weights a run starts
+    from (their quantized blocks stay as they are)."""
+    weight_bytes = None if params is None else sum(_training_bytes(params, name, settings) for name in params)
+    parts, available = memory_needed(config, settings, weight_bytes), backend.free_memory()
     if sum(parts.values()) > available + held:
         detail = ", ".join(f"{name} {human_bytes(size)}" for name, size in parts.items())
         raise TrainError(f"this run needs about {human_bytes(sum(parts.values()))} ({detail}) but "
@@ -518,7 +529,7 @@ def _start(directory, data_path, tokenizer_spec, preset, model_settings, setting
         config, params, tokenizer = weights.load(init)
         if tokenizer is None:
             raise TrainError(f"{init} has no tokenizer to read the data with")
-        check_memory(config, settings)
+        check_memory(config, settings, params=params)
     else:
         tokenizer = data.make_tokenizer(tokenizer_spec or "char", text, directory)
         fields = {**LlamaConfig.preset(preset or DEFAULT_SHAPE).to_dict(), **model_settings}

@@ -98,14 +98,18 @@ def quantized_model(kind, seed=0):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_model_on_blocks_computes_what_its_widened_weights_do(kind, rng):
+def test_a_model_on_blocks_computes_what_its_widened_weights_do(kind, rng, monkeypatch):
     """Logits (the embedding gathered from blocks, the tied head multiplied by them), then greedy
-    decoding over the KV cache, resident and streamed."""
+    decoding over the KV cache, resident and streamed (too little memory to keep prepared weights)."""
+    from npllama import backend
     config, held, dense = quantized_model(kind)
     tokens = rng.integers(0, 96, (2, 12))
     np.testing.assert_allclose(forward(held, config, tokens), forward(dense, config, tokens), rtol=1e-4, atol=1e-4)
     prompt = [1, 5, 9]
     expected = generation.generate(dense, config, prompt, 10)
+    assert generation.generate(held, config, prompt, 10) == expected
+    monkeypatch.setattr(backend, "free_memory", lambda: 0)
+    assert not generation.Decoder(held, config, 16).resident
     assert generation.generate(held, config, prompt, 10) == expected
 
 
@@ -162,3 +166,19 @@ def test_a_quantized_model_evaluates_and_trains_lora_adapters_but_not_every_weig
                           f"{tmp_path / 'q8.safetensors'} holds quantized weights (q8_0): training every weight needs "
                           "float ones; train LoRA adapters on them (--lora-rank)")
     assert not (tmp_path / "full").exists()
+
+
+def test_a_lora_runs_memory_counts_a_quantized_base_as_its_blocks(monkeypatch):
+    """check_memory with the weights a run starts from: q8_0 blocks count their bytes (34 per 32
+    values), not float32's (128), so a run that fits with them is not refused."""
+    from npllama import backend
+    config, held, _ = quantized_model("q8_0")
+    settings = train.TrainSettings(init="base", lora_rank=2, batch_size=1, context=8, workers=1)
+    as_floats, as_blocks = (sum(train.memory_needed(config, settings, weight_bytes).values()) for weight_bytes in
+                            (None, sum(train._training_bytes(held, name, settings) for name in held)))
+    matrices = sum(value.shape[0] * value.shape[1] for value in held.values() if isinstance(value, Quantized))
+    assert as_floats - as_blocks == matrices * (4 - 34 / 32)
+    monkeypatch.setattr(backend, "free_memory", lambda: (as_floats + as_blocks) // 2)
+    train.check_memory(config, settings, params=held)  # fits as blocks
+    with pytest.raises(train.TrainError, match="this run needs about"):
+        train.check_memory(config, settings)

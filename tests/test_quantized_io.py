@@ -81,6 +81,18 @@ def test_gguf_blocks_load_as_quantized_weights_equal_to_gguf_pys(tmp_path, kind)
     assert np.abs(logits - reference).max() <= 1e-5 * np.abs(reference).max()
 
 
+def test_a_gguf_files_blocks_are_laid_out_once(tmp_path):
+    """A decoder that keeps nothing (a model larger than half the free memory) reads every weight at
+    every token: a GGUF's blocks, laid out anew (or converted to q8_0) when read, are made only once."""
+    path = str(tmp_path / "q4_0.gguf")
+    ok(cli("export-gguf", fixture("gqa-f32"), path, "--type", "q4_0"))
+    _, params, _ = weights.load(path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert params[name] is params[name]
+    _, converted, _ = weights.load(fixture("llama3-q4_k_m"))
+    assert converted[name] is converted[name]
+
+
 def test_other_gguf_types_are_made_q8_0_adding_half_a_percent():
     """The Q4_K_M fixture (llama.cpp's quantization of random weights: Q4_K and Q6_K matrices) reads as Q8_0
     blocks of gguf-py's values: each within Q8_0's bound of them (|ŵ − w| ≤ d/2 + 127·2⁻¹¹·d, d = max|w|/127
@@ -168,7 +180,7 @@ def test_load_weights_to_blocks_then_generate_and_info(tmp_path, stories, kind):
 
 def test_info_of_a_gguf_file_counts_its_types():
     fields = summary_fields(ok(cli("info", fixture("gqa-q4_0"))).stdout)
-    assert fields["dtype"] == "q4_0 (15 tensors), fp32 (5 tensors), q8_0 (1 tensors)"
+    assert fields["dtype"] == "q4_0 (15 tensors), fp32 (5 tensors), q8_0 (1 tensor)"
 
 
 # ---- export --------------------------------------------------------------------------------------------------
@@ -213,15 +225,19 @@ def test_export_hf_of_blocks_writes_their_values_in_float32(tmp_path, q8_file):
         assert tensors[name].dtype == np.float32 and np.array_equal(tensors[name], float_values(value)), name
 
 
-def test_merging_adapters_into_blocks_quantizes_the_sum_again(q8_file):
+def test_merging_adapters_into_blocks_keeps_the_sum_in_float32(q8_file):
+    """Ŵ + s·B A as it is (quantized again, an adapter's small change would round away); the weights
+    without adapters stay blocks."""
     config, params, _ = weights.load(q8_file)
     name = "model.layers.0.self_attn.q_proj.weight"
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((2, 64)).astype(np.float32), rng.standard_normal((64, 2)).astype(np.float32)
+    a, b = rng.standard_normal((2, 64)).astype(np.float32), rng.standard_normal((64, 2)).astype(np.float32) * 1e-3
     adapters = dict(zip(adapter_names(name), (a, b)))
-    merged = weights.merge_adapters(params, adapters, 0.5)[name]
-    assert merged.kind == "q8_0"
-    assert merged.blocks.tobytes() == reference_blocks(params[name].dequantized() + (b @ a) * 0.5, "q8_0")
+    merged = weights.merge_adapters(params, adapters, 0.5)
+    assert merged[name].dtype == np.float32
+    assert np.array_equal(merged[name], params[name].dequantized() + (b @ a) * np.float32(0.5))
+    other = "model.layers.0.self_attn.k_proj.weight"
+    assert merged[other].kind == "q8_0" and merged[other].data.tobytes() == params[other].data.tobytes()
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
@@ -243,6 +259,10 @@ def rewritten(tmp_path, source, change):
     (lambda record: json.dumps({**record, "model.embed_tokens.weight": {"type": "q3_0", "shape": [512, 64]}}),
      "model.embed_tokens.weight: 'q3_0' is not a block type"),
     (lambda record: "{not json", "its record of quantized tensors (npllama.quantized) is damaged"),
+    (lambda record: json.dumps({**record, "model.embed_tokens.weight": {"type": "q8_0", "shape": [-512, -64]}}),
+     "its record of quantized tensors (npllama.quantized) is damaged"),
+    (lambda record: json.dumps({**record, "model.embed_tokens.weight": {"type": "q8_0", "shape": "64"}}),
+     "its record of quantized tensors (npllama.quantized) is damaged"),
 ])
 def test_a_damaged_block_tensor_is_refused_naming_it(tmp_path, q8_file, change, fragment):
     path = rewritten(tmp_path, q8_file, change)
@@ -255,3 +275,9 @@ def test_load_weights_to_blocks_overwrites_nothing(tmp_path):
     before = snapshot(tmp_path)
     assert_one_clear_line(cli("load-weights", STORIES260K, "--out", out, "--dtype", "q4_0"), "exists")
     assert snapshot(tmp_path) == before
+
+
+def test_a_file_with_blocks_says_so_to_older_readers(q8_file):
+    """Its format version is 2 (npllama before blocks read 1 and refuse what is newer, in one line)."""
+    metadata, _ = safetensors_file.read(q8_file)
+    assert metadata[weights.VERSION_KEY] == weights.BLOCKS_FORMAT_VERSION == "2"

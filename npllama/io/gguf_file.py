@@ -42,6 +42,7 @@ rotates by θᵢ / rope_freqs[i]: 1 at short wavelengths, the factor f at long o
 a line in θᵢ. Fitting it gives low/old and high/old; old is llama.rope.scaling.original_context_length
 when the file has it, else 8192 (the converter's default, Llama 3.1's and 3.2's value).
 """
+import functools
 import math
 import os
 import re
@@ -304,12 +305,12 @@ def _add_tensor(path, params, name, tensor, head_dim):
         params.add(name, stored, tensor.shape, lambda: _in_hf_order(tensor.data.view(stored), head_dim, permute))
     elif len(tensor.shape) != 2:
         params.add(name, np.float32, tensor.shape, lambda: _dequantize(tensor))
-    elif kind in KEPT_TYPES:
-        params.add(name, kind.lower(), tensor.shape, lambda: Quantized.from_bytes(
-            kind.lower(), _in_hf_order(tensor.data, head_dim, permute), tensor.shape))
+    elif kind in KEPT_TYPES:  # blocks are laid out (or converted) once, then kept: a decoder reads them every token
+        params.add(name, kind.lower(), tensor.shape, functools.cache(lambda: Quantized.from_bytes(
+            kind.lower(), _in_hf_order(tensor.data, head_dim, permute), tensor.shape)))
     else:
-        params.add(name, "q8_0", tensor.shape, lambda: quantize(_in_hf_order(_dequantize(tensor), head_dim, permute),
-                                                                "q8_0"))
+        params.add(name, "q8_0", tensor.shape, functools.cache(lambda: quantize(
+            _in_hf_order(_dequantize(tensor), head_dim, permute), "q8_0")))
 
 
 def _dequantize(tensor):

@@ -51,6 +51,7 @@ from .common import (LazyTensors, WeightsError, as_storage_type, config_from_jso
                      host_tensors, TokenizerWarning, read_safetensors, read_tokenizer, tokenizer_settings)
 
 FORMAT_VERSION = "1"
+BLOCKS_FORMAT_VERSION = "2"  # a file holding quantized blocks (QUANTIZED_KEY): npllama 0.3's readers know them
 RUN_MODEL_FILE = "model.safetensors"  # where a training run keeps its model (train.MODEL_FILE)
 CONFIG_KEY, TOKENIZER_KEY, VERSION_KEY = "npllama.config", "npllama.tokenizer", "npllama.version"
 QUANTIZED_KEY = "npllama.quantized"
@@ -72,6 +73,7 @@ def save(path, config, params, tokenizer=None, dtype=None, metadata=None, on_ten
                  if dtypes.is_quantized(kind)}
     if quantized:
         metadata[QUANTIZED_KEY] = json.dumps(quantized)
+        metadata[VERSION_KEY] = BLOCKS_FORMAT_VERSION  # older readers say "written by a newer npllama"
     safetensors_file.write(path, tensors, metadata)
 
 
@@ -163,17 +165,23 @@ def _read_npllama(path):
     if CONFIG_KEY not in metadata:
         raise WeightsError(f"{path}: a safetensors file without an npllama config; for an HF checkpoint "
                            "give its directory (with config.json)")
-    if int(metadata.get(VERSION_KEY, FORMAT_VERSION)) > int(FORMAT_VERSION):
+    if int(metadata.get(VERSION_KEY, FORMAT_VERSION)) > int(BLOCKS_FORMAT_VERSION):
         raise WeightsError(f"{path}: written by a newer npllama (format {metadata[VERSION_KEY]}); upgrade npllama")
     config = config_from_json(path, metadata[CONFIG_KEY])
     tokenizer = tokenizers.from_metadata(metadata[TOKENIZER_KEY]) if TOKENIZER_KEY in metadata else None
     return config, {**tensors, **_quantized_tensors(path, metadata, tensors)}, tokenizer
 
 
+def _positive_sizes(shape):
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise ValueError(f"{shape!r} is not a list of positive sizes")
+    return tuple(shape)
+
+
 def _quantized_tensors(path, metadata, tensors):
     """The tensors QUANTIZED_KEY lists, as Quantized weights on the file's (memory-mapped) bytes."""
     try:
-        listed = {name: (entry["type"], tuple(int(n) for n in entry["shape"]))
+        listed = {name: (entry["type"], _positive_sizes(entry["shape"]))
                   for name, entry in json.loads(metadata.get(QUANTIZED_KEY, "{}")).items()}
     except (AttributeError, KeyError, TypeError, ValueError):
         raise WeightsError(f"{path}: its record of quantized tensors ({QUANTIZED_KEY}) is damaged") from None
@@ -225,7 +233,7 @@ def describe(config, params, tokenizer, path=None):
     """A short multi-line summary: parameters, shape, storage types (with their tensor counts when there
     are several: "q8_0 (169 tensors), fp32 (61 tensors)"), size on disk, tokenizer."""
     counts = collections.Counter(dtypes.name(safetensors_file.dtype_and_shape(params, name)[0]) for name in params)
-    stored = [f"{kind} ({count} tensors)" if len(counts) > 1 else kind for kind, count in
+    stored = [f"{kind} ({count} tensor{'s' * (count != 1)})" if len(counts) > 1 else kind for kind, count in
               sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
     lines = [f"parameters  {config.num_parameters():,} ({human_count(config.num_parameters())})",
              f"layers      {config.num_hidden_layers}, hidden {config.hidden_size}, "
@@ -399,13 +407,14 @@ def _adapted_weight(path, name):
 
 def merge_adapters(params, adapters, scale):
     """params with the adapted weights replaced by W + s·B A in their storage type (made one tensor at a
-    time, when read: only adapted tensors are widened to compute); a quantized W gives Ŵ + s·B A quantized
-    again, which adds that type's rounding once more."""
+    time, when read: only adapted tensors are widened to compute); a quantized W gives Ŵ + s·B A in
+    float32: quantized again, the adapters' small change would be lost in the blocks' rounding."""
     merged = LazyTensors()
     for name in params:
         dtype, shape = safetensors_file.dtype_and_shape(params, name)
         name_a, name_b = adapter_names(name) if name.endswith(".weight") else (None, None)
         if name_a in adapters:
+            dtype = np.dtype(np.float32) if dtypes.is_quantized(dtype) else dtype
             make = lambda name=name, a=adapters[name_a], b=adapters[name_b], dtype=dtype: as_storage_type(
                 Adapted(host_floats(params[name]), np.asarray(a, np.float32), np.asarray(b, np.float32),
                         scale).merged(), dtype)

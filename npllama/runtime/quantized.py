@@ -23,6 +23,8 @@ widens only the rows it is asked for (`weight[ids]`).
 """
 import numpy as np
 
+from .. import backend
+from ..errors import UserError
 from .streamed import Streamed
 
 BLOCK = 32
@@ -36,6 +38,10 @@ LAYOUTS = {  # a block's fields, as the bytes lie in GGUF
 
 class QuantizeError(ValueError):
     """A tensor that cannot be put in blocks (its rows are not a multiple of the block)."""
+
+
+class NotOnThisDevice(UserError):
+    """Quantized blocks are multiplied on the CPU only (the GPU's kernel is the GPU issue's)."""
 
 
 def quantize(array, kind):
@@ -204,6 +210,12 @@ class Quantized(Streamed):
 
     def widen(self, start, end):
         return dequantize(self.kind, self.planes(start, end))
+
+    def forward(self, x):
+        if backend.array_module(x) is not np:
+            raise NotOnThisDevice("quantized weights are multiplied on the CPU only for now: use --device cpu, "
+                                  "or load-weights --dtype fp16 for the GPU")
+        return super().forward(x)
 
     def multiply(self, x, start, end, out):
         """out = x · Ŵ[start:end]ᵀ. For a few rows of x (decoding) the scales are applied to partial sums
