@@ -33,12 +33,19 @@ from .config import EMBEDDING, FINAL_NORM, LM_HEAD, block_param_name, parameter_
 from .ops import attention, embedding, linear, lm_head, rmsnorm, rope, swiglu
 
 
-def init_params(config, seed=0, dtype="float32"):
-    """Fresh parameters on the active device: norms at 1, weights ~ N(0, 0.02²), and the two
-    projections that write into the residual stream (o_proj, down_proj) scaled by 1/√(2·layers)
-    so the residual's variance does not grow with depth (GPT-2's init). Same seed, same values."""
+INIT_SCHEMES = ("gpt2", "hf")  # init_params' choices; the first is the default
+
+
+def init_params(config, seed=0, dtype="float32", scheme=INIT_SCHEMES[0]):
+    """Fresh parameters on the active device: norms at 1, every other weight ~ N(0, 0.02²), except
+    with scheme "gpt2" the two projections that write into the residual stream (o_proj, down_proj),
+    scaled by 1/√(2·layers) so the residual's variance does not grow with depth (GPT-2's init);
+    "hf" is transformers' LlamaPreTrainedModel init (initializer_range 0.02 everywhere). Same seed,
+    same values."""
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init scheme must be one of {', '.join(INIT_SCHEMES)}, got {scheme!r}")
     rng = np.random.default_rng(seed)
-    residual_std = 0.02 / np.sqrt(2 * config.num_hidden_layers)
+    residual_std = 0.02 / np.sqrt(2 * config.num_hidden_layers) if scheme == "gpt2" else 0.02
     params = {}
     for name, shape in parameter_shapes(config).items():
         if name.endswith("layernorm.weight") or name == FINAL_NORM:
