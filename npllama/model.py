@@ -295,10 +295,24 @@ def block_backward(dout, cache):
 
 # ---- the stack ----------------------------------------------------------------------------------
 class StackCache(NamedTuple):
+    """What stack_backward needs. Per layer l, `blocks` keeps either the block's whole cache (stored
+    activations: per token about 6D + 3Dₖᵥ + 4F + H·T values) or, with recompute, only its input
+    x_l: (B, T, D), from which block_cache makes the cache again when the backward reaches the layer."""
     weights: Weights
     embedding: object
-    blocks: list
+    blocks: list       # block caches, or (recompute) block inputs x_l
     norm: object
+    rotation: object   # RoPE's table for the tokens' positions: (T, hd/2)
+    recompute: bool
+
+    def block_cache(self, layer):
+        """The layer's block cache: kept, or made again by block_forward on the kept input x_l (the
+        same operations on the same values: the same cache, bit for bit)."""
+        if not self.recompute:
+            return self.blocks[layer]
+        config = self.weights.config
+        return block_forward(self.blocks[layer], self.weights.block(layer), config.rms_norm_eps, self.rotation,
+                             config.num_attention_heads)[1]
 
 
 def check_tokens(tokens, config):
@@ -313,10 +327,11 @@ def check_tokens(tokens, config):
     return tokens
 
 
-def run_stack(weights, tokens, kv_cache=None, keep_caches=False):
+def run_stack(weights, tokens, kv_cache=None, keep_caches=False, recompute=False):
     """The final normed hidden states h: (B, T, D) of checked tokens (B, T) at positions start … start+T−1,
     start being the positions kv_cache holds (which it then also holds for these), else 0; and the
-    caches for stack_backward (None unless kept)."""
+    caches for stack_backward (None unless kept). With recompute, the caches keep only each block's
+    input x_l (L·B·T·D values) instead of its whole cache (StackCache)."""
     config = weights.config
     start = kv_cache.length if kv_cache is not None else 0
     end = start + tokens.shape[1]
@@ -324,32 +339,34 @@ def run_stack(weights, tokens, kv_cache=None, keep_caches=False):
         raise ValueError(f"{end} positions do not fit the KV cache of {kv_cache.max_len}")
     rotation = weights.rotation(start, end)
     x, embed_cache = weights.embed(tokens)
-    block_caches = []
+    kept = []
     for layer in range(config.num_hidden_layers):
-        x, cache = block_forward(x, weights.block(layer), config.rms_norm_eps, rotation,
+        block_input = x
+        x, cache = block_forward(block_input, weights.block(layer), config.rms_norm_eps, rotation,
                                  config.num_attention_heads, kv_cache, layer)
         if keep_caches:
-            block_caches.append(cache)
+            kept.append(block_input if recompute else cache)
+        del cache  # unless kept, freed before the next block makes its own
     if kv_cache is not None:
         kv_cache.length = end
     h, norm_cache = rmsnorm.forward(x, weights.final_norm, config.rms_norm_eps)
-    return h, (StackCache(weights, embed_cache, block_caches, norm_cache) if keep_caches else None)
+    return h, (StackCache(weights, embed_cache, kept, norm_cache, rotation, recompute) if keep_caches else None)
 
 
 def stack_backward(dh, caches, extra=None):
     """The backward pass of run_stack: dh (B, T, D) -> grads by parameter name, for trained parameters
     only. extra: gradients of parameters used after the stack (the LM head), added in. A weight that
     trains parts of its own (adapters.py) returns a dict; its entries are named under the weight's name
-    less ".weight" (an adapter's A: ...q_proj.lora_A.weight)."""
-    weights, embed_cache, block_caches, norm_cache = caches
-    config = weights.config
+    less ".weight" (an adapter's A: ...q_proj.lora_A.weight). Caches kept for recompute have each
+    block's forward run again on its input just before its backward, that one block's cache then freed."""
+    weights = caches.weights
     grads = {}
-    dx, grads[FINAL_NORM] = rmsnorm.backward(dh, norm_cache)
-    for layer in reversed(range(config.num_hidden_layers)):
-        dx, block_grads = block_backward(dx, block_caches[layer])
+    dx, grads[FINAL_NORM] = rmsnorm.backward(dh, caches.norm)
+    for layer in reversed(range(weights.config.num_hidden_layers)):
+        dx, block_grads = block_backward(dx, caches.block_cache(layer))  # a recomputed cache is freed here
         grads.update({block_param_name(layer, short): g for short, g in block_grads.items()})
     if weights.trained(EMBEDDING):
-        grads[EMBEDDING] = embedding.backward(dx, embed_cache)
+        grads[EMBEDDING] = embedding.backward(dx, caches.embedding)
     for name, grad in (extra or {}).items():
         if grad is not None:
             grads[name] = grad if grads.get(name) is None else grads[name] + grad
@@ -374,10 +391,10 @@ def hidden_states(params, config, tokens):
     return run_stack(Weights(params, config), check_tokens(tokens, config))[0]
 
 
-def hidden_states_for_training(params, config, tokens):
+def hidden_states_for_training(params, config, tokens, recompute=False):
     """tokens: (B, T) -> h: (B, T, D), and the caches that stack_backward needs to turn a gradient dh
-    of any loss of h into the parameters' gradients."""
-    return run_stack(Weights(params, config), check_tokens(tokens, config), keep_caches=True)
+    of any loss of h into the parameters' gradients (recompute: loss_and_grads)."""
+    return run_stack(Weights(params, config), check_tokens(tokens, config), keep_caches=True, recompute=recompute)
 
 
 def forward(params, config, tokens, kv_cache=None):
@@ -416,15 +433,20 @@ def loss(params, config, tokens, targets):
     return float(lm_head.forward(h, weights.head, weights.xp.asarray(targets))[0])
 
 
-def loss_and_grads(params, config, tokens, targets, scale=1.0):
+def loss_and_grads(params, config, tokens, targets, scale=1.0, recompute=False):
     """Mean cross-entropy of predicting targets (B, T) (−100 = ignored) from tokens (B, T), and the
     gradient of scale × that loss for every trained parameter: (loss: float, grads: dict like params).
     Weight objects (adapters.py) get no gradient, their adapters' gradients come under the adapters'
-    names (adapters.adapter_names). One process; the same inputs give the same numbers."""
+    names (adapters.adapter_names). One process; the same inputs give the same numbers.
+
+    recompute (activation recomputation, gradient checkpointing): the forward keeps only each block's
+    input x_l, and the backward runs each block's forward again to make its cache. Activations kept
+    per token: L·D + one block's cache (≈ 6D + 3Dₖᵥ + 4F + H·T), instead of L·(that); the cost is
+    one more forward of the blocks, about 1/3 more compute. The same gradients, bit for bit on the CPU."""
     tokens = check_tokens(tokens, config)
     targets = check_targets(targets, tokens, config)
     weights = Weights(params, config)
-    h, caches = run_stack(weights, tokens, keep_caches=True)
+    h, caches = run_stack(weights, tokens, keep_caches=True, recompute=recompute)
     loss_value, head_cache = lm_head.forward(h, weights.head, weights.xp.asarray(targets))
     dh, d_head = lm_head.backward(scale, head_cache)
     return float(loss_value), stack_backward(dh, caches, {head_name(config): d_head})
