@@ -59,9 +59,11 @@ class AdamW:
         self.steps = 0          # steps taken: t of the last step
         self.m, self.v = {}, {}  # name -> first and second moment, like the parameter
 
-    def step(self, params, grads, lr=None):
+    def step(self, params, grads, lr=None, decayed=None):
         """One AdamW step: updates every parameter that has a grad, in place (a parameter without a
-        grad, or with None, is left as it is). lr overrides self.lr for this step only."""
+        grad, or with None, is left as it is). lr overrides self.lr for this step only. decayed: the
+        names that are decayed (default: those of parameters with ndim ≥ 2; pieces of parameters,
+        zero.py's, say whose pieces they are)."""
         lr = self.lr if lr is None else _check_lr(lr)
         unknown = [name for name in grads if name not in params]
         if unknown:
@@ -86,7 +88,7 @@ class AdamW:
         for name, param, grad in pairs:
             m, v = self._moments(name, param)
             scalar = param.dtype.type  # each coefficient rounded to the parameter's dtype, as torch does
-            decays = self.weight_decay and param.ndim >= 2
+            decays = self.weight_decay and (param.ndim >= 2 if decayed is None else name in decayed)
             coefficients = (scalar(1 - lr * self.weight_decay) if decays else None, scalar(1 - beta1),
                             scalar(beta2), scalar(1 - beta2), scalar(bias_correction2_sqrt), scalar(self.eps),
                             scalar(-step_size))
@@ -205,20 +207,37 @@ def clip_grad_norm(grads, max_norm):
     """The global L2 norm of all grads (a Python float); where it exceeds max_norm, every grad is scaled
     in place by max_norm / (norm + 1e-6). max_norm None or 0: no clipping. A norm that is not finite
     is returned with the grads untouched (the caller decides what to do)."""
+    norm = global_norm(grads)
+    clip_to(grads, max_norm, norm)
+    return norm
+
+
+def global_norm(grads):
+    """‖g‖ = √(Σ over every grad of Σ g²), a Python float (None grads are skipped)."""
+    return math.sqrt(sum_of_squares(grads))
+
+
+def sum_of_squares(grads):
+    """Σ over every grad of Σ g², a Python float (one sync a device)."""
+    squares = {}  # array module -> each grad's sum of squares, a float64 scalar on that grad's device
+    for grad in grads.values():
+        if grad is not None:
+            xp = backend.array_module(grad)
+            squares.setdefault(xp, []).append(_sum_of_squares(grad, xp))
+    return sum(float(xp.stack(sums).sum()) for xp, sums in squares.items())
+
+
+def clip_to(grads, max_norm, norm):
+    """Scale every grad in place by max_norm / (norm + 1e-6) where norm (their global norm) exceeds
+    max_norm; max_norm None or 0, or a norm that is not finite: nothing changes."""
     if max_norm is not None and not max_norm >= 0:
         raise ValueError(f"max_norm must be >= 0 or None, got {max_norm}")
-    arrays = [grad for grad in grads.values() if grad is not None]
-    squares = {}  # array module -> each grad's sum of squares, a float64 scalar on that grad's device
-    for grad in arrays:
-        xp = backend.array_module(grad)
-        squares.setdefault(xp, []).append(_sum_of_squares(grad, xp))
-    norm = math.sqrt(sum(float(xp.stack(sums).sum()) for xp, sums in squares.items()))  # one sync a device
     if max_norm and math.isfinite(norm):
         scale = max_norm / (norm + CLIP_EPS)
         if scale < 1.0:
-            for grad in arrays:
-                grad *= grad.dtype.type(scale)
-    return norm
+            for grad in grads.values():
+                if grad is not None:
+                    grad *= grad.dtype.type(scale)
 
 
 def _sum_of_squares(array, xp):

@@ -35,14 +35,14 @@ import warnings
 
 import numpy as np
 
-from . import adamw, adapters, backend, data, dtypes, generation, model
+from . import adamw, adapters, backend, data, dtypes, generation, model, zero
 from .config import LlamaConfig, block_param_name, human_bytes, parameter_shapes
 from .errors import Notice, UserError, setting
-from .io import files, run_files, safetensors_file, weights
+from .io import files, run_files, safetensors_file, tokenizer as tokenizers, weights
 from .io.run_files import (ADAPTERS_FILE, LOG_FIELDS, LOG_FILE, MODEL_FILE, OPTIMIZER_FILE,  # the run's files
                            STEP_KEY, TRAIN_KEY)
 from .ops.lm_head import IGNORE_INDEX
-from .runtime import cpu, parallel, quantized
+from .runtime import cpu, distributed, parallel, quantized
 
 CURVES_FILE = "curves.png"
 NEXT = ".next"  # a checkpoint's files are written under NAME.next first (see TrainingRun.save)
@@ -81,6 +81,9 @@ class TrainSettings:
     lora_alpha: float = None  # adapters scale by alpha / rank; None: alpha = rank
     lora_targets: tuple = ("q_proj", "v_proj")
     workers: int = None  # shards per batch, summed across workers; None: parallel.default_count()
+    world_size: int = None  # ranks of the MPI job, each drawing batch_size windows; None: this job's
+    zero: int = 0  # ZeRO stage: 0, every rank holds AdamW's state; 1, each rank 1/world_size of it (zero.py)
+    recompute: bool = False  # keep only each block's input, recompute the rest in the backward pass
 
     def __post_init__(self):
         if self.decay_iters is None:
@@ -91,6 +94,8 @@ class TrainSettings:
             self.lora_alpha = float(self.lora_rank)
         if self.workers is None:
             self.workers = parallel.default_count()
+        if self.world_size is None:
+            self.world_size = distributed.world().size
         self.lora_targets = tuple(self.lora_targets)
         self.validate()
 
@@ -100,7 +105,7 @@ class TrainSettings:
         return self.lora_alpha / self.lora_rank if self.lora_rank else None
 
     def validate(self):
-        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "workers"):
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "workers", "world_size"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{setting(name)} must be at least 1, got {getattr(self, name)}")
         if self.context is not None and self.context < 1:
@@ -132,6 +137,11 @@ class TrainSettings:
             raise TrainError(f"{setting('lora_rank')} trains adapters on a pretrained model: give its weights "
                              f"with {setting('init')}")
         adapters.check_targets(self.lora_targets)
+        if self.zero not in zero.STAGES:
+            raise TrainError(f"{setting('zero')} must be one of {', '.join(map(str, zero.STAGES))}, got {self.zero}")
+        if self.zero and self.world_size < 2:
+            raise TrainError(f"{setting('zero')} {self.zero} splits AdamW's state across the ranks of an MPI job: "
+                             f"start the run with `mpiexec -n N` (N ≥ 2), or drop {setting('zero')}")
 
 
 def memory_needed(config, settings, weight_bytes=None):
@@ -203,35 +213,41 @@ class StepReport:
     elapsed_seconds: float
 
 
-# ---- the step's gradient, summed across workers ---------------------------------------------------------
-def shard_loss_and_grads(arrays, config, lora_scale, tokens, targets, scale):
+# ---- the step's gradient, summed across workers and ranks ----------------------------------------------
+def shard_loss_and_grads(arrays, config, lora_scale, tokens, targets, scale, recompute=False):
     """One shard's loss, and the gradient of scale × that loss (the task each worker runs). lora_scale:
     None, or the adapters' alpha / rank (the arrays hold a frozen base and adapters)."""
     return model.loss_and_grads(adapters.with_adapters(quantized.from_arrays(arrays), lora_scale), config, tokens,
-                                targets, scale)
+                                targets, scale, recompute=recompute)
 
 
-def sharded_loss_and_grads(arrays, config, tokens, targets, shards=1, workers=None, lora_scale=None):
-    """The batch's mean loss and its gradient for the trained arrays, the batch cut into `shards` shards
-    of rows summed across `workers` (parallel.py; default: the seam for that many shards). A shard weighs
-    by its share of the valid targets; one without any adds nothing and is left out."""
+def sharded_loss_and_grads(arrays, config, tokens, targets, shards=1, workers=None, lora_scale=None,
+                           recompute=False, world=None):
+    """This rank's part of the mean loss over every rank's batch, and its gradient for the trained
+    arrays, the batch cut into `shards` shards of rows summed across `workers` (parallel.py; default:
+    the seam for that many shards). A shard weighs by its share of the valid targets of all the ranks'
+    batches (world: the job, default this process alone); one without any adds nothing and is left out."""
     tokens = model.check_tokens(tokens, config)
     targets = model.check_targets(targets, tokens, config)
     valid = targets != IGNORE_INDEX
+    total_valid = (world or distributed.Alone()).total(int(valid.sum()))
     groups = [rows for rows in np.array_split(np.arange(len(tokens)), min(shards, len(tokens))) if valid[rows].any()]
-    shares = [float(valid[rows].sum() / valid.sum()) for rows in groups]
-    tasks = [(config, lora_scale, tokens[rows], targets[rows], share) for rows, share in zip(groups, shares)]
+    shares = [float(valid[rows].sum() / total_valid) for rows in groups]
+    tasks = [(config, lora_scale, tokens[rows], targets[rows], share, recompute) for rows, share in zip(groups, shares)]
     trained = arrays if lora_scale is None else adapters.split(arrays)[1]
     losses, grads = (workers or parallel.workers(len(tasks))).run(shard_loss_and_grads, arrays, tasks, list(trained))
     return sum(share * loss for share, loss in zip(shares, losses, strict=True)), grads
 
 
-def accumulated_loss_and_grads(arrays, config, micro_batches, shards=1, workers=None, lora_scale=None):
+def accumulated_loss_and_grads(arrays, config, micro_batches, shards=1, workers=None, lora_scale=None,
+                               recompute=False, world=None):
     """The mean loss and gradient over equally sized micro-batches [(tokens, targets), ...]:
-    g = (1/A) Σ_a ∇ loss_a, which equals the gradient of the whole batch when every target counts."""
+    g = (1/A) Σ_a ∇ loss_a, which equals the gradient of the whole batch when every target counts
+    (with several ranks: this rank's part of them, sharded_loss_and_grads)."""
     total_loss, total = 0.0, None
     for tokens, targets in micro_batches:
-        micro_loss, grads = sharded_loss_and_grads(arrays, config, tokens, targets, shards, workers, lora_scale)
+        micro_loss, grads = sharded_loss_and_grads(arrays, config, tokens, targets, shards, workers, lora_scale,
+                                                   recompute, world)
         total_loss += micro_loss / len(micro_batches)
         for grad in grads.values():  # in place: the step holds one gradient, and the sum, never more
             grad /= len(micro_batches)
@@ -244,15 +260,16 @@ def accumulated_loss_and_grads(arrays, config, micro_batches, shards=1, workers=
     return total_loss, total
 
 
-def optimizer_step(arrays, config, optimizer, micro_batches, lr, grad_clip, shards=1, workers=None, lora_scale=None):
-    """One step: the gradient (accumulated over the micro-batches, summed across workers), clipped to
-    grad_clip (0: not clipped), then AdamW at lr. Returns (loss, gradient norm before clipping); the
-    arrays are not updated when either is not finite."""
-    loss, grads = accumulated_loss_and_grads(arrays, config, micro_batches, shards, workers, lora_scale)
-    norm = adamw.clip_grad_norm(grads, grad_clip or None)
-    if math.isfinite(loss) and math.isfinite(norm):
-        optimizer.step(arrays, grads, lr=lr)
-    return loss, norm
+def optimizer_step(arrays, config, optimizer, micro_batches, lr, grad_clip, shards=1, workers=None, lora_scale=None,
+                   recompute=False, update=None):
+    """One step: the gradient (accumulated over the micro-batches, summed across workers and ranks),
+    clipped to grad_clip (0: not clipped), then AdamW at lr. update: how the ranks sum and apply it
+    (zero.py; default: this process alone, with `optimizer`). Returns (loss, gradient norm before
+    clipping); the arrays are not updated when either is not finite."""
+    update = update or zero.Replicated(distributed.Alone(), optimizer)
+    loss, grads = accumulated_loss_and_grads(arrays, config, micro_batches, shards, workers, lora_scale, recompute,
+                                             update.world)
+    return update.step({name: arrays[name] for name in grads}, loss, grads, lr, grad_clip)
 
 
 # ---- a run ------------------------------------------------------------------------------------------
@@ -260,28 +277,37 @@ class TrainingRun:
     """One run: model, tokenizer, optimizer, data order and step, saved and restored as a whole.
 
     params are what the optimizer trains: the model's parameters, or in a LoRA run the adapters, which
-    are attached to the frozen base_params (adapters.py) to make the model's weights."""
+    are attached to the frozen base_params (adapters.py) to make the model's weights. optimizer: the
+    AdamW state a resumed run goes on from (on ranks other than 0 of a job, any: rank 0's is sent);
+    rng_state: this rank's data stream's. world: the job this run is a rank of (runtime/distributed.py):
+    rank 0 alone writes the run's files; each rank draws its own batches."""
 
     def __init__(self, directory, config, params, tokenizer, settings, ids, data_info,
-                 optimizer=None, step=0, rng_state=None, elapsed=0.0, base_params=None):
+                 optimizer=None, step=0, rng_state=None, elapsed=0.0, base_params=None, world=None):
+        self.world = world or distributed.Alone()
+        if settings.world_size != self.world.size:
+            raise TrainError(f"this run's settings are for {settings.world_size} rank(s), but {self.world.size} "
+                             "are running it")
         self.directory, self.config, self.params, self.tokenizer = directory, config, params, tokenizer
         # what the workers share: arrays only, a quantized base as its blocks (runtime/quantized.as_arrays)
         self.arrays = quantized.as_arrays({**base_params, **params}) if settings.lora_rank else params
         self.model_params = adapters.with_adapters(quantized.from_arrays(self.arrays), settings.lora_scale)
         self.settings, self.data_info = settings, data_info
-        os.makedirs(directory, exist_ok=True)
+        if self.world.is_root:
+            os.makedirs(directory, exist_ok=True)
         if settings.context is not None and settings.context > config.max_position_embeddings:
             raise TrainError(f"{setting('context')} {settings.context} is longer than the model's context "
                              f"({config.max_position_embeddings})")
         self.train_ids, self.val_ids = data.split(ids, settings.val_fraction)
         data.check_long_enough(self.train_ids, self.val_ids, self.context)
-        self.optimizer = optimizer or adamw.AdamW(settings.lr, (settings.beta1, settings.beta2),
-                                                  weight_decay=settings.weight_decay)
+        self._check_global_batch()
+        self.optimizer = adamw.AdamW(settings.lr, (settings.beta1, settings.beta2), weight_decay=settings.weight_decay)
+        self.update = zero.make(settings.zero, self.world, self.optimizer, {name: self.arrays[name] for name in params})
+        if optimizer is not None:
+            self.update.load_state_dict(optimizer.state_dict())
         self.workers = parallel.workers(min(settings.workers, settings.batch_size))
         self.step = step
-        self.rng = np.random.default_rng(settings.seed)
-        if rng_state is not None:
-            self.rng.bit_generator.state = rng_state
+        self.rng = _data_stream(settings.seed, self.world.rank, rng_state, step if optimizer is not None else None)
         self.started = time.perf_counter() - elapsed  # elapsed_seconds continue across a resume
         self.saved_step = step if optimizer is not None else None  # a resumed run starts from a checkpoint
         cpu.keep_freed_memory()
@@ -289,6 +315,19 @@ class TrainingRun:
     @property
     def context(self):
         return self.settings.context or self.config.max_position_embeddings
+
+    @property
+    def global_batch(self):
+        """Windows per optimizer step, over every rank: ranks × batch_size × grad_accum."""
+        return self.world.size * self.settings.batch_size * self.settings.grad_accum
+
+    def _check_global_batch(self):
+        tokens = self.world.size * self.settings.batch_size * self.context
+        if self.world.size > 1 and tokens > len(self.train_ids):
+            raise TrainError(f"{self.world.size} ranks × {setting('batch_size')} {self.settings.batch_size} windows × "
+                             f"{self.context} tokens ({tokens:,} tokens a micro-batch) is more than the training "
+                             f"split holds ({len(self.train_ids):,} tokens): use fewer ranks or a smaller "
+                             f"{setting('batch_size')}")
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def train_step(self):
@@ -300,18 +339,21 @@ class TrainingRun:
         batches = [data.random_batch(self.train_ids, s.batch_size, self.context, self.rng)
                    for _ in range(s.grad_accum)]
         step_loss, norm = optimizer_step(self.arrays, self.config, self.optimizer, batches, lr, s.grad_clip,
-                                         s.workers, self.workers, s.lora_scale)
+                                         s.workers, self.workers, s.lora_scale, s.recompute, self.update)
         if math.isfinite(step_loss) and math.isfinite(norm):
             self.step += 1
         seconds = time.perf_counter() - started
-        tokens = s.batch_size * s.grad_accum * self.context
+        tokens = self.global_batch * self.context
         return StepReport(self.step, lr, step_loss, norm, tokens / seconds, time.perf_counter() - self.started)
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self):
         """Mean loss over eval_iters random batches of each split, from a generator seeded by the
-        step (so evaluating never changes the training batches). {'train': loss, 'val': loss or None}"""
+        step (so evaluating never changes the training batches). {'train': loss, 'val': loss or None}.
+        The ranks of a job share the batches out (rank r: batches r, r + ranks, ...) and gather the
+        losses, so the mean is the same as one process's."""
         rng = np.random.default_rng([self.settings.seed, self.step])
+        rank, ranks = self.world.rank, self.world.size
         means = {}
         for split, ids in (("train", self.train_ids), ("val", self.val_ids)):
             if len(ids) == 0:
@@ -319,14 +361,15 @@ class TrainingRun:
                 continue
             batches = [data.random_batch(ids, self.settings.batch_size, self.context, rng)
                        for _ in range(self.settings.eval_iters)]
-            losses = [model.loss(self.model_params, self.config, *batch) for batch in batches]
-            means[split] = float(np.mean(losses))
+            own = [model.loss(self.model_params, self.config, *batch) for batch in batches[rank::ranks]]
+            by_rank = self.world.all_gather_objects(own)
+            means[split] = float(np.mean([by_rank[i % ranks][i // ranks] for i in range(len(batches))]))
         return means
 
     def sample(self):
         """A short seeded continuation (nanoGPT's: temperature 0.8, top-k 200, no top-p or min-p) from
         BOS, or else from the first token of the training data."""
-        if self.settings.sample_tokens == 0:
+        if self.settings.sample_tokens == 0 or not self.world.is_root:
             return ""
         start = [self.tokenizer.bos_id if self.tokenizer.add_bos else int(self.train_ids[0])]
         length = min(self.settings.sample_tokens, self.context - 1)
@@ -347,9 +390,16 @@ class TrainingRun:
         optimizer.safetensors and the second over its name. A kill at any moment leaves a run that
         finish_checkpoint makes whole: the model's .next exists only once both are complete, so it is
         rolled forward; without it the optimizer's .next is an unfinished checkpoint and is dropped.
-        A full disk keeps the previous checkpoint and says so."""
+        A full disk keeps the previous checkpoint and says so. Every rank of a job takes part (their data
+        streams, and in ZeRO stage 1 their parts of AdamW's state, are gathered); rank 0 writes."""
+        rng_states = self.world.gather(self.rng.bit_generator.state)
+        optimizer_state = self.update.state_dict()
+        _on_root(self.world, lambda: self._write_checkpoint(optimizer_state, rng_states))
+        self.saved_step = self.step
+
+    def _write_checkpoint(self, optimizer_state, rng_states):
         try:
-            self._write_next()
+            self._write_next(optimizer_state, rng_states)
         except files.DiskFullError as error:
             finish_checkpoint(self.directory)  # drops what was written of this one
             kept = (f"the checkpoint of step {self.saved_step} is kept" if self.saved_step is not None
@@ -357,12 +407,10 @@ class TrainingRun:
             raise TrainError(f"{error.reason} saving the checkpoint of step {self.step} in {self.directory}; "
                              f"{kept}") from None
         finish_checkpoint(self.directory)
-        self.saved_step = self.step
 
-    def _write_next(self):
-        state = self.optimizer.state_dict()
+    def _write_next(self, state, rng_states):
         tensors = {f"{kind}/{name}": backend.to_host(state[kind][name]) for kind in ("m", "v") for name in state[kind]}
-        train_state = {"step": self.step, "rng_state": self.rng.bit_generator.state,
+        train_state = {"step": self.step, "rng_state": rng_states[0], "rng_states": rng_states,
                        "elapsed_seconds": time.perf_counter() - self.started,
                        "settings": dataclasses.asdict(self.settings), "data": self.data_info,
                        "base": _identity(self.settings.init) if self.settings.lora_rank else None,
@@ -377,6 +425,31 @@ class TrainingRun:
         else:
             weights.save(self.checkpoint_file + NEXT, self.config, self.params, self.tokenizer,
                          metadata={STEP_KEY: str(self.step)})
+
+
+def _data_stream(seed, rank, state=None, resumed_at=None):
+    """The generator rank `rank` draws its batches from: seeded by seed (rank 0, as one process) or
+    [seed, rank], and set to `state` when given. A rank that resumes a run without a saved stream
+    (the job grew) starts one of its own, seeded by [seed, rank, the step]."""
+    if state is None and resumed_at is not None and rank > 0:
+        return np.random.default_rng([seed, rank, resumed_at])
+    rng = np.random.default_rng(seed if rank == 0 else [seed, rank])
+    if state is not None:
+        rng.bit_generator.state = state
+    return rng
+
+
+def _on_root(world, action):
+    """Run action() on rank 0 alone (files, printing) while the other ranks wait: should it fail, they
+    stop too (distributed.Stopped), rather than wait for rank 0 at the next step's sum for ever."""
+    failure = None
+    if world.is_root:
+        try:
+            action()
+        except BaseException as error:  # re-raised below, once the others know
+            failure = error
+    if world.broadcast(failure is not None):
+        raise failure if world.is_root else distributed.Stopped()
 
 
 def finish_checkpoint(directory):
@@ -462,40 +535,52 @@ def start(directory, data_path=None, tokenizer=None, preset=None, model_settings
     with the vocabulary of `tokenizer` ('char', the default; 'bpe:N'; or a SentencePiece .model path).
     settings: TrainSettings (default: the defaults); its `init` names weights to start from instead
     (continued pre-training, fine-tuning, LoRA), whose shape and tokenizer are the model's own. force:
-    start over in a directory that holds a run."""
+    start over in a directory that holds a run. In a job of several ranks every rank calls it with the
+    same arguments (the job stops if they differ); rank 0 starts the run and sends the others the model
+    and the data."""
     settings = settings or TrainSettings()
     init = os.path.abspath(settings.init) if settings.init else None
     settings = dataclasses.replace(settings, init=init)
     model_settings = {name: value for name, value in (model_settings or {}).items() if value is not None}
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise TrainError(f"{setting('out')} {directory} is a file; it names the run directory")
-    if init and (preset or model_settings):
-        raise TrainError(f"{setting('init')} takes the model's own shape: drop {setting('preset')} and the "
-                         f"model's settings ({setting('context')} may shorten the training windows)")
-    if init and tokenizer:
-        raise TrainError(f"{setting('init')} trains with the model's own tokenizer: drop {setting('tokenizer')}")
-    if os.path.exists(os.path.join(directory, OPTIMIZER_FILE)) and not force:
-        raise TrainError(f"{directory} already holds a training run; pass {setting('resume')} to continue it, "
-                         f"or {setting('force')} to start over")
-    made = not os.path.exists(directory)
-    os.makedirs(directory, exist_ok=True)
-    claim(directory)
-    files.remove_leftovers(directory)  # of a run killed while writing
-    finish_checkpoint(directory)  # an old run's unfinished save must not complete the new run's first one
-    moved = _move_aside(directory)
-    try:
-        run = _start(directory, data_path or data.BUILTIN_CORPUS, tokenizer, preset, model_settings, settings)
-        if moved:
-            warnings.warn(f"{directory} held a run: its files are now in {moved}", RunWarning)
-        return run
-    except BaseException:
-        if made:
-            shutil.rmtree(directory, ignore_errors=True)
-        elif moved:  # the new run did not start: the old one is back as it was
-            for name in os.listdir(moved):
-                os.replace(os.path.join(moved, name), os.path.join(directory, name))
-            os.rmdir(moved)
-        raise
+    world = distributed.world()
+    world.check_same("settings", {"directory": os.path.abspath(directory), "data": data_path, "tokenizer": tokenizer,
+                                  "preset": preset, **model_settings, **dataclasses.asdict(settings), "force": force})
+    undo, moved = [], []
+
+    def make_parts():
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise TrainError(f"{setting('out')} {directory} is a file; it names the run directory")
+        if init and (preset or model_settings):
+            raise TrainError(f"{setting('init')} takes the model's own shape: drop {setting('preset')} and the "
+                             f"model's settings ({setting('context')} may shorten the training windows)")
+        if init and tokenizer:
+            raise TrainError(f"{setting('init')} trains with the model's own tokenizer: drop {setting('tokenizer')}")
+        if os.path.exists(os.path.join(directory, OPTIMIZER_FILE)) and not force:
+            raise TrainError(f"{directory} already holds a training run; pass {setting('resume')} to continue it, "
+                             f"or {setting('force')} to start over")
+        made = not os.path.exists(directory)
+        os.makedirs(directory, exist_ok=True)
+        claim(directory)
+        files.remove_leftovers(directory)  # of a run killed while writing
+        finish_checkpoint(directory)  # an old run's unfinished save must not complete the new run's first one
+        moved.append(_move_aside(directory))
+        undo.append(lambda: _undo_start(directory, made, moved[0]))
+        return _start(directory, data_path or data.BUILTIN_CORPUS, tokenizer, preset, model_settings, settings)
+
+    run = _shared_run(world, make_parts, on_failure=lambda: [step() for step in undo])
+    if moved and moved[0]:
+        warnings.warn(f"{directory} held a run: its files are now in {moved[0]}", RunWarning)
+    return run
+
+
+def _undo_start(directory, made, moved):
+    """A new run that did not start: its directory removed, or the old run's files put back as they were."""
+    if made:
+        shutil.rmtree(directory, ignore_errors=True)
+    elif moved:
+        for name in os.listdir(moved):
+            os.replace(os.path.join(moved, name), os.path.join(directory, name))
+        os.rmdir(moved)
 
 
 RUN_FILES = (MODEL_FILE, OPTIMIZER_FILE, ADAPTERS_FILE, LOG_FILE, CURVES_FILE)
@@ -523,6 +608,7 @@ class RunWarning(Notice):
 
 
 def _start(directory, data_path, tokenizer_spec, preset, model_settings, settings):
+    """A new run's TrainingRun arguments (rank 0's work)."""
     text = data.read_text(data_path)
     init = settings.init
     if init:
@@ -546,11 +632,67 @@ def _start(directory, data_path, tokenizer_spec, preset, model_settings, setting
         raise TrainError(f"{init} holds quantized weights ({blocks[0].kind}): training every weight needs float ones; "
                          f"train LoRA adapters on them ({setting('lora_rank')}), or convert them first "
                          "(load-weights --dtype fp32)")
+    parts = dict(directory=directory, config=config, params=params, tokenizer=tokenizer, settings=settings, ids=ids,
+                 data_info=info)
     if not settings.lora_rank:
-        return TrainingRun(directory, config, params, tokenizer, settings, ids, info)
+        return parts
     lora = adapters.init_adapters(params, config, settings.lora_targets, settings.lora_rank, settings.lora_alpha,
                                   settings.seed)
-    return TrainingRun(directory, config, lora, tokenizer, settings, ids, info, base_params=params)
+    return {**parts, "params": lora, "base_params": params}
+
+
+def _shared_run(world, make_parts, on_failure=lambda: None):
+    """This rank's TrainingRun. Rank 0 alone reads and writes the run's files: there make_parts() gives
+    TrainingRun's arguments (rng_states: every rank's data stream, or None), and the other ranks are
+    sent them. Should rank 0 fail, on_failure() undoes its work there and the others stop (Stopped)."""
+    parts = None
+    if world.is_root:
+        try:
+            parts = make_parts()
+        except BaseException:
+            world.broadcast(None)
+            on_failure()
+            raise
+    parts = _sent_to_every_rank(world, parts)
+    states = parts.pop("rng_states", None)
+    try:
+        return TrainingRun(**parts, rng_state=states[world.rank] if states and world.rank < len(states) else None,
+                           world=world)
+    except BaseException:
+        if world.is_root:
+            on_failure()
+        raise
+
+
+def _sent_to_every_rank(world, parts):
+    """Rank 0's TrainingRun arguments (None: it failed), on every rank: the small ones pickled, the
+    arrays (the trained parameters, a LoRA run's base, the token ids) as buffers."""
+    if world.size == 1:
+        return parts
+    root = world.is_root
+    header = world.broadcast(None if parts is None else {
+        "directory": parts["directory"], "config": parts["config"].to_dict(),
+        "tokenizer": tokenizers.to_metadata(parts["tokenizer"]), "settings": dataclasses.asdict(parts["settings"]),
+        "data_info": parts["data_info"], "step": parts.get("step", 0), "rng_states": parts.get("rng_states"),
+        "elapsed": parts.get("elapsed", 0.0), "resumed": parts.get("optimizer") is not None,
+        "lora": parts.get("base_params") is not None})
+    if header is None:
+        raise distributed.Stopped()
+    params = world.broadcast_arrays({name: backend.to_host(array) for name, array in parts["params"].items()}
+                                    if root else {})
+    base = world.broadcast_arrays({name: backend.to_host(array) for name, array in
+                                   quantized.as_arrays(parts["base_params"]).items()}
+                                  if root and header["lora"] else {})
+    ids = world.broadcast_arrays({"ids": np.asarray(parts["ids"])} if root else {})["ids"]
+    if root:
+        return parts
+    settings = TrainSettings(**header["settings"])
+    return dict(directory=header["directory"], config=LlamaConfig.from_dict(header["config"]),
+                params=model.trainable(params, settings.dtype), tokenizer=tokenizers.from_metadata(header["tokenizer"]),
+                settings=settings, ids=ids, data_info=header["data_info"], step=header["step"],
+                rng_states=header["rng_states"], elapsed=header["elapsed"],
+                optimizer=adamw.AdamW() if header["resumed"] else None,  # its state comes from rank 0
+                base_params=model.trainable(quantized.from_arrays(base), settings.dtype) if header["lora"] else None)
 
 
 def _read_data(text, data_path, tokenizer, directory, tokenizer_name="the tokenizer"):
@@ -560,10 +702,21 @@ def _read_data(text, data_path, tokenizer, directory, tokenizer_name="the tokeni
     return data.token_ids(text, tokenizer, directory), info
 
 
-def resume(directory, data_path=None, **changes):
+def resume(directory, data_path=None, force=False, **changes):
     """The run in `directory`, from its last checkpoint, to go on exactly as it would have. Only the
     settings in RESUME_ADJUSTABLE may change (e.g. max_iters=5000: train longer; the cosine still ends at
-    the saved decay_iters). data_path: the text, when it has moved (its contents must be the same)."""
+    the saved decay_iters). data_path: the text, when it has moved (its contents must be the same).
+    A job of another number of ranks than the run's is refused (each rank draws its own batches), or
+    with force goes on, its batches no longer those of the uninterrupted run. Every rank of a job
+    calls it with the same arguments; rank 0 reads the checkpoint and sends the others what they need."""
+    world = distributed.world()
+    world.check_same("settings", {"directory": os.path.abspath(directory), "data": data_path, "force": force,
+                                  **changes})
+    return _shared_run(world, lambda: _resume(directory, data_path, force, changes, world.size))
+
+
+def _resume(directory, data_path, force, changes, world_size):
+    """A resumed run's TrainingRun arguments (rank 0's work)."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise TrainError(f"{setting('out')} {directory} is a file; it names the run directory")
     fixed = [name for name in changes if name not in RESUME_ADJUSTABLE]
@@ -576,7 +729,16 @@ def resume(directory, data_path=None, **changes):
     _read_log(os.path.join(directory, LOG_FILE))  # a damaged log is refused before anything runs
     files.remove_leftovers(directory)  # of the run, killed while writing
     state = checkpoint.state
-    settings = dataclasses.replace(TrainSettings(**state["settings"]), **changes)
+    trained_by = state["settings"].get("world_size") or 1  # runs from before MPI had one process
+    if trained_by != world_size and not force:
+        raise TrainError(f"this run was trained by {trained_by} rank(s) and is resumed by {world_size}: each rank "
+                         f"draws its own batches, so it would not go on as it would have. Resume it with "
+                         f"`mpiexec -n {trained_by}`{' (or without mpiexec)' if trained_by == 1 else ''}, or pass "
+                         f"{setting('force')} to go on with {world_size} (other batches from here on)")
+    if trained_by != world_size:
+        warnings.warn(f"{directory} was trained by {trained_by} rank(s) and goes on with {world_size}: its batches "
+                      "from here on differ from the uninterrupted run's", RunWarning)
+    settings = dataclasses.replace(TrainSettings(**{**state["settings"], "world_size": world_size}), **changes)
     if settings.max_iters < state["step"]:
         raise TrainError(f"{setting('max_iters')} {settings.max_iters} is below the run's step {state['step']}")
     loaded = [checkpoint.params, checkpoint.base_params or {}, checkpoint.optimizer.m, checkpoint.optimizer.v]
@@ -585,9 +747,11 @@ def resume(directory, data_path=None, **changes):
     ids, info = _read_data(data.read_text(data_path), data_path, checkpoint.tokenizer, directory)
     if info["sha256"] != state["data"]["sha256"]:
         raise TrainError(f"{info['path']} is not the text this run was trained on (its contents differ)")
-    return TrainingRun(directory, checkpoint.config, checkpoint.params, checkpoint.tokenizer, settings, ids, info,
-                       checkpoint.optimizer, state["step"], state["rng_state"], state.get("elapsed_seconds", 0.0),
-                       checkpoint.base_params)
+    return dict(directory=directory, config=checkpoint.config, params=checkpoint.params,
+                tokenizer=checkpoint.tokenizer, settings=settings, ids=ids, data_info=info,
+                optimizer=checkpoint.optimizer, step=state["step"],
+                rng_states=state.get("rng_states") or [state["rng_state"]],
+                elapsed=state.get("elapsed_seconds", 0.0), base_params=checkpoint.base_params)
 
 
 def claim(directory):
@@ -651,25 +815,32 @@ def run(training, should_stop=lambda: False, on_step=lambda report: None, on_eva
 
 
 def _steps(training, should_stop, on_step, on_eval):
-    log = _Log(os.path.join(training.directory, LOG_FILE), after_step=training.step)
+    """The loop on every rank of the job; rank 0 alone logs, reports and writes (the callbacks are its)."""
+    world = training.world
+    logs = []
+    _on_root(world, lambda: logs.append(_Log(os.path.join(training.directory, LOG_FILE), after_step=training.step)))
     s = training.settings
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are caught below
         while training.step < s.max_iters:
-            if should_stop():
+            if world.broadcast(should_stop()):  # rank 0's signals stop every rank at the same step
                 training.save()
                 return "interrupted"
             report = training.train_step()
             _check_finite(training, {"the loss": report.loss, "the gradient norm": report.grad_norm}, report.step + 1)
             row = dataclasses.asdict(report)
-            on_step(report)
+            _on_root(world, lambda: on_step(report))
             evaluating = training.step % s.eval_interval == 0 or training.step == s.max_iters
+            means = training.evaluate() if evaluating else None
             if evaluating:
-                means = training.evaluate()
                 _check_finite(training, {f"the mean {split} loss": value for split, value in means.items()
                                          if value is not None}, training.step)
                 row.update(train_loss=means["train"], val_loss=means["val"])
-                on_eval(training.step, means, training.sample())
-            log.write(row)  # before the save: a resume drops rows beyond its checkpoint; a lost one stays lost
+
+            def report_and_log():  # the log row before the save: a resume drops rows beyond its checkpoint
+                if evaluating:
+                    on_eval(training.step, means, training.sample())
+                logs[0].write(row)
+            _on_root(world, report_and_log)
             if evaluating:
                 training.save()
     return "done"

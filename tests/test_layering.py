@@ -18,7 +18,7 @@ LAYERS = [
     ["npllama.ops"],
     ["npllama.adapters", "npllama.runtime"],
     ["npllama.io"],
-    ["npllama.model", "npllama.adamw", "npllama.data", "npllama.sampling"],
+    ["npllama.model", "npllama.adamw", "npllama.zero", "npllama.data", "npllama.sampling"],
     ["npllama.generation", "npllama.conversation", "npllama.train", "npllama.classify"],
     ["npllama.cli"],
 ]
