@@ -7,7 +7,7 @@ import click
 
 from .. import __version__
 from ..errors import Notice, UserError
-from ..runtime import cpu
+from ..runtime import cpu, distributed
 from . import classify, generate, models, train
 from .common import program
 
@@ -28,6 +28,8 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as error:  # bad input: one line ("Error: ..."), exit status 1, no traceback
+            if not distributed.speaks_for_the_job():  # rank 0 of an MPI job says it for every rank
+                raise SystemExit(1) from None
             raise click.ClickException(error.message(flag)) from None
         except click.UsageError as error:  # a command's flag, its value, or the command: one line too
             raise _UsageError.of(error, ctx) from None

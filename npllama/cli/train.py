@@ -4,12 +4,15 @@ import os
 import shlex
 import signal
 import sys
+import threading
+import warnings
 
 import click
 
 from .. import adapters, backend, data, model, train as training
 from ..config import PRESETS, human_bytes, human_count
 from ..io import weights
+from ..runtime import distributed
 from .common import default, device_option, given, program, setting_option
 from .progress import Progress
 
@@ -48,7 +51,8 @@ def _setting(name, kind, **options):
               help="Start from these weights (a weights file or HF directory): continued "
               "pre-training or fine-tuning with the model's tokenizer.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
-@click.option("--force", is_flag=True, help="Start a new run in --out even if one is there (overwrites it).")
+@click.option("--force", is_flag=True, help="Start a new run in --out even if one is there (its files are moved to "
+              "--out/previous-N); with --resume, go on with another number of MPI ranks than the run had.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), help=f"Model shape (default {training.DEFAULT_SHAPE}'s, "
               "with the vocabulary of the tokenizer).")
 @click.option("--dim", type=click.IntRange(min=2), help="Hidden size (values per token).")
@@ -87,21 +91,29 @@ def _setting(name, kind, **options):
               show_default=True, callback=_lora_targets, help="Projections that get adapters, among q,k,v,o,gate,up,down.")
 @click.option("--workers", type=click.IntRange(min=1), help="Shards per batch, their gradients summed across "
               "workers (processes on the CPU's cores); recorded, so a resumed run sums the same. Default: "
-              "NPLLAMA_WORKERS when set, else the usable cores (1 on a GPU).")
+              "NPLLAMA_WORKERS when set, else the usable cores (1 on a GPU), shared by an MPI job's ranks on "
+              "one machine.")
+@_setting("zero", click.IntRange(0, 1), help="Under mpiexec: 1 splits AdamW's state across the ranks (ZeRO stage 1: "
+          "each keeps 1/ranks of it); 0 keeps it whole on every rank.")
+@_setting("recompute", bool, is_flag=True, help="Keep only each block's input in the forward pass and compute the "
+          "rest again in the backward pass: far less memory, about a third more compute.")
 @click.pass_context
 def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force, preset, device, **flags):
     """Train a Llama on a text file: checkpoints, log.csv and curves.png in the run directory."""
     if not flags["lora_rank"] and (given(ctx, "lora_alpha") or given(ctx, "lora_targets")):
         raise click.ClickException("--lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank too")
     backend.use(device)
+    world = distributed.world()
+    distributed.use_local_gpu(world)
+    if not world.is_root:  # rank 0 speaks for the job
+        sys.stdout = open(os.devnull, "w")
+        warnings.simplefilter("ignore")
     model_settings = {MODEL_FLAGS[name]: flags.pop(name) for name in MODEL_FLAGS}
     if init_path:  # the model's shape is given; --context only shortens the training windows
         flags["context"] = model_settings.pop("max_position_embeddings")
     out = out or os.path.join("runs", os.path.splitext(os.path.basename(data_path or data.BUILTIN_CORPUS))[0])
     if resume:
-        if force:
-            raise click.ClickException("--resume continues the run in --out and --force starts it over: choose one")
-        run = training.resume(out, data_path, **_given_settings(ctx, flags, tokenizer_spec, init_path, preset))
+        run = training.resume(out, data_path, force, **_given_settings(ctx, flags, tokenizer_spec, init_path, preset))
     else:
         settings = SETTINGS(**flags, init=init_path)
         run = training.start(out, data_path, tokenizer_spec, preset, model_settings, settings, force)
@@ -112,8 +124,14 @@ def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force,
     click.echo(f"{out}: {human_count(run.config.num_parameters())} parameters, {run.tokenizer.describe()}, "
                f"{len(run.train_ids):,} training and {len(run.val_ids):,} validation tokens; "
                f"step {run.step} of {run.settings.max_iters}; {run.settings.workers} worker(s); {backend.describe()}; "
-               f"memory about {human_bytes(sum(training.memory_needed(run.config, run.settings).values()))}")
-    _train_with_progress(run, out)
+               f"memory about {human_bytes(sum(training.memory_needed(run.config, run.settings).values()))}"
+               f"{' a rank' if world.size > 1 else ''}")
+    if world.size > 1:
+        s = run.settings
+        click.echo(f"{world.size} MPI ranks × batch {s.batch_size} × accumulation {s.grad_accum} = global batch of "
+                   f"{run.global_batch} windows of {run.context} tokens; ZeRO stage {s.zero}: AdamW's state "
+                   f"{human_bytes(training.memory_needed(run.config, s)['AdamW moments'])} a rank")
+    _train_with_progress(run, out, world)
 
 
 def _given_settings(ctx, flags, tokenizer_spec, init_path, preset):
@@ -128,15 +146,19 @@ def _given_settings(ctx, flags, tokenizer_spec, init_path, preset):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; docker stop, timeout and schedulers
 
 
-def _train_with_progress(run, out):
+def _train_with_progress(run, out, world):
     """The loop with a progress bar; Ctrl-C or SIGTERM finishes the step, saves a checkpoint and exits
-    with 128 + the signal's number (a second one: at once)."""
+    with 128 + the signal's number (a second one: at once). Under MPI a signal stops at once
+    (_stop_at_once)."""
     interrupted = []
 
     def on_interrupt(signum, frame):
         interrupted.append(signum)
         _restore(previous)  # a second signal stops without waiting
-    previous = {number: signal.signal(number, on_interrupt) for number in STOP_SIGNALS}
+    if world.size > 1:
+        previous = _stop_at_once(run, out, world)
+    else:
+        previous = {number: signal.signal(number, on_interrupt) for number in STOP_SIGNALS}
 
     def show(report):
         return f"loss {report.loss:.4f}  lr {report.lr:.2e}  {report.tokens_per_second:,.0f} tok/s"
@@ -148,7 +170,8 @@ def _train_with_progress(run, out):
             click.echo("  " + sample.strip().replace("\n", "\n  "))
 
     try:
-        with Progress(run.settings.max_iters, "training", "step", start=run.step, describe=show) as progress:
+        with Progress(run.settings.max_iters, "training", "step", start=run.step, describe=show,
+                      stream=None if world.is_root else sys.stdout) as progress:
             outcome = training.run(run, should_stop=lambda: bool(interrupted), on_step=progress.update,
                                    on_eval=on_eval)
     finally:
@@ -171,8 +194,37 @@ def _suggest_next(run, out):
     opening = run.tokenizer.decode([int(i) for i in run.train_ids[:16]]).strip().split("\n")[0][:24]
     click.echo(f"next:\n  {program()} generate --weights {model} --prompt {shlex.quote(opening or 'The')}"
                f"  # sample from it\n"
-               f"  {program()} train --out {shlex.quote(out)} --resume --max-iters {2 * run.settings.max_iters}"
-               "  # train longer")
+               f"  {_launcher(run.world)}{program()} train --out {shlex.quote(out)} --resume --max-iters "
+               f"{2 * run.settings.max_iters}  # train longer")
+
+
+def _launcher(world):
+    """What starts the job again: `mpiexec -n N ` for a job of N ranks, nothing for one process."""
+    return f"mpiexec -n {world.size} " if world.size > 1 else ""
+
+
+def _stop_at_once(run, out, world):
+    """A job's stop signal ends this rank at once, rank 0 saying in one line what is kept. mpiexec sends
+    SIGTERM to every rank when one ends or when it is interrupted, and kills them all a moment later;
+    meanwhile the main thread may wait inside MPI for a rank that is gone, where no Python handler
+    runs. So the handlers do nothing but wake (through the signal wakeup fd) a thread that speaks and
+    exits. Returns the handlers replaced."""
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+
+    def watch():
+        signum = os.read(wake_read, 1)[0]
+        if world.is_root:
+            kept = (f"the checkpoint of step {run.saved_step} in {out} is kept" if run.saved_step is not None
+                    else "no checkpoint had been written yet")
+            sys.stderr.write(f"Error: the job stopped at step {run.step} (a rank ended, or mpiexec was "
+                             f"interrupted); {kept}; continue with `{_launcher(world)}{program()} train "
+                             f"--out {shlex.quote(out)} --resume`\n")
+            sys.stderr.flush()
+        os._exit(128 + signum)
+    threading.Thread(target=watch, daemon=True).start()
+    return {number: signal.signal(number, lambda signum, frame: None) for number in STOP_SIGNALS}
 
 
 def _restore(handlers):

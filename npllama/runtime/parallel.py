@@ -8,7 +8,7 @@ so a run is exact for a given shard count (the run's `workers` setting) on any m
     OneProcess      every shard in this process, one after the other (a GPU; one core)
     Workers         on the CPU, one process per shard: this one and the helpers of the process's
                     ShardPool (below), looked up at every step (a failed step closes it)
-    (next: MPI across processes and machines, NCCL across GPUs)
+    (across processes and machines, MPI and NCCL sum the ranks' gradients: distributed.py, zero.py)
 `workers(count)` gives the one for a run. The arrays whose gradients are not asked for (`trained`)
 are the run's frozen ones, a LoRA run's base: they must not change while the run lasts.
 The task is a module-level function, passed to helpers by name (pickle), so this module knows nothing
@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import backend
 from ..errors import UserError, setting
-from . import cpu
+from . import cpu, distributed
 
 ALIGNMENT = 64  # bytes: each array starts on a cache line
 SHARED_DIRECTORY = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # RAM-backed on Linux
@@ -68,13 +68,16 @@ class OneProcess:
 
 def default_count():
     """The shard count a run records when none is given: NPLLAMA_WORKERS when set, else one shard per
-    usable core on the CPU (where BLAS's threads can be set to one each), else one."""
+    usable core on the CPU (where BLAS's threads can be set to one each; the cores shared by an MPI
+    job's ranks on this machine), else one."""
     requested = os.environ.get("NPLLAMA_WORKERS", "").strip()
     if requested:
         if not requested.isascii() or not requested.isdigit() or int(requested) < 1:
             raise UserError(f"NPLLAMA_WORKERS must be a positive integer, got {requested!r}")
         return int(requested)
-    return cpu.usable_cores() if backend.device() == "cpu" and cpu.blas_threads_settable() else 1
+    if backend.device() != "cpu" or not cpu.blas_threads_settable():
+        return 1
+    return max(1, cpu.usable_cores() // distributed.world().local_size)
 
 
 def workers(count):
