@@ -145,34 +145,43 @@ class TrainSettings:
 
 
 def memory_needed(config, settings, weight_bytes=None):
-    """Bytes a run holds at its peak, by part: an estimate from the shapes alone, so that a run too
+    """Bytes one rank holds at its peak, by part: an estimate from the shapes alone, so that a run too
     large for the machine is refused before it allocates anything. With s bytes per value, P the
-    model's parameters, Pₜ the trained ones (P, or a LoRA run's adapters) and W the workers:
+    model's parameters, Pₜ the trained ones (P, or a LoRA run's adapters), W the workers, R the ranks:
         weights       P·s (or weight_bytes: a LoRA run's base in quantized blocks), twice when W > 1
                       (the shard pool's shared copy)
         gradients     Pₜ·s·(W + 1 if accumulating else W): every worker sums its shard's gradients in its
                       own buffer, and accumulating micro-batches keeps their sum besides
-        moments       2·Pₜ·s      AdamW's m and v
-        activations   B·T·(L·(6D + 3Dₖᵥ + 4F + H·T + 2) + 2V + D)·s + W·L·D·(D + 2Dₖᵥ)·s
+        moments       2·Pₜ·s      AdamW's m and v (÷R in ZeRO stage 1)
+        sums          with R > 1, the flat buffers the ranks sum through (zero.py): Pₜ·s in stage 0;
+                      (2 + 1/R)·Pₜ·s in stage 1 (parameters, gradients, this rank's part)
+        activations   B·T·(L·a + 2V + D)·s + W·L·D·(D + 2Dₖᵥ)·s,  a = 6D + 3Dₖᵥ + 4F + H·T + 2
+                      (with recompute: B·T·(L·D + a + 2V + D)·s + W·D·(D + 2Dₖᵥ)·s)
     The activations are what one micro-batch of B windows of T tokens keeps for the backward pass: per
-    layer and token the block's input and its mid-block sum, the normed inputs of attention and MLP
+    layer and token (a) the block's input and its mid-block sum, the normed inputs of attention and MLP
     (and their RMS), q (and k, rotated), copies of k and v, the heads' attention probabilities, the
-    attention output, the MLP's four F-wide intermediates (gate, up, SiLU(gate), their product); then
-    the head's input, logits and probabilities; and each worker's fused copy of the q/k/v weights."""
+    attention output, the MLP's four F-wide intermediates (gate, up, SiLU(gate), their product), or
+    with recompute only each block's input plus one block's a at a time; then the head's input,
+    logits and probabilities; and each worker's fused copy of the q/k/v weights."""
     s = 8 if settings.dtype == "fp64" else 4
     d, f, layers, heads = (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                            config.num_attention_heads)
     kv = config.num_key_value_heads * config.head_dim
     batch, time = settings.batch_size, settings.context or config.max_position_embeddings
-    workers = min(settings.workers, batch)
+    workers, ranks = min(settings.workers, batch), settings.world_size
     total = config.num_parameters()
     trained = _adapter_parameters(config, settings) if settings.lora_rank else total
-    per_token = layers * (6 * d + 3 * kv + 4 * f + heads * time + 2) + 2 * config.vocab_size + d
+    per_layer = 6 * d + 3 * kv + 4 * f + heads * time + 2
+    per_token = (layers * d + per_layer if settings.recompute else layers * per_layer) + 2 * config.vocab_size + d
+    fused_copies = 1 if settings.recompute else layers  # a block's q/k/v weight lives as long as its cache
     accumulating = settings.grad_accum > 1
     weights = total * s if weight_bytes is None else weight_bytes
-    return {"weights": weights * (2 if workers > 1 else 1), "gradients": trained * s * (workers + accumulating),
-            "AdamW moments": 2 * trained * s,
-            "activations": (batch * time * per_token + workers * layers * d * (d + 2 * kv)) * s}
+    parts = {"weights": weights * (2 if workers > 1 else 1), "gradients": trained * s * (workers + accumulating),
+             "AdamW moments": 2 * trained * s // (ranks if settings.zero else 1),
+             "activations": (batch * time * per_token + workers * fused_copies * d * (d + 2 * kv)) * s}
+    if ranks > 1:
+        parts["sums"] = trained * s * (2 + 1 / ranks if settings.zero else 1)
+    return parts
 
 
 def _training_bytes(params, name, settings):
@@ -190,17 +199,19 @@ def _adapter_parameters(config, settings):
 
 
 def check_memory(config, settings, held=0, params=None):
-    """Refuse a run that needs more memory than the device has free (memory_needed), with the figures;
-    `held`: bytes of it already allocated (a resumed run's checkpoint); params: the weights a run starts
-    from (their quantized blocks stay as they are)."""
+    """Refuse a run that needs more memory than the device has free (memory_needed, for every rank of
+    the job on this machine), with the figures; `held`: bytes of it already allocated (a resumed run's
+    checkpoint); params: the weights a run starts from (their quantized blocks stay as they are)."""
     weight_bytes = None if params is None else sum(_training_bytes(params, name, settings) for name in params)
     parts, available = memory_needed(config, settings, weight_bytes), backend.free_memory()
-    if sum(parts.values()) > available + held:
+    here = distributed.world().local_size if backend.device() == "cpu" else 1  # a GPU each: its own memory
+    if here * sum(parts.values()) > available + held:
         detail = ", ".join(f"{name} {human_bytes(size)}" for name, size in parts.items())
-        raise TrainError(f"this run needs about {human_bytes(sum(parts.values()))} ({detail}) but "
+        ranks = f" a rank, for {here} ranks here" if here > 1 else ""
+        raise TrainError(f"this run needs about {human_bytes(sum(parts.values()))}{ranks} ({detail}) but "
                          f"{human_bytes(available)} are free on the {backend.device().upper()}; use a smaller "
                          f"{setting('batch_size')} (with {setting('grad_accum')} for as many tokens per step), "
-                         f"{setting('context')} or model, or fewer {setting('workers')}")
+                         f"{setting('context')} or model, {setting('recompute')}, or fewer {setting('workers')}")
 
 
 @dataclasses.dataclass

@@ -361,27 +361,27 @@ def test_the_activation_estimate_matches_what_the_forward_keeps(kv_heads):
     assert estimate["AdamW moments"] == 2 * estimate["weights"]
 
 
-@pytest.mark.parametrize("grad_accum", [1, 3])
-def test_the_estimate_matches_the_peak_of_a_whole_step(grad_accum):
+@pytest.mark.parametrize("grad_accum, recompute, layers", [(1, False, 2), (3, False, 2), (1, True, 6)])
+def test_the_estimate_matches_the_peak_of_a_whole_step(grad_accum, recompute, layers):
     """What an optimizer step allocates at its peak (tracemalloc, which sees NumPy's arrays) beyond the
     weights and AdamW's moments, against memory_needed's gradients and activations: within 5% under, 15% over."""
     import tracemalloc
     from npllama import adamw
-    config = LlamaConfig(vocab_size=500, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=500, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
                          num_attention_heads=8, max_position_embeddings=64)
-    settings = train.TrainSettings(batch_size=2, grad_accum=grad_accum, workers=1)
+    settings = train.TrainSettings(batch_size=2, grad_accum=grad_accum, workers=1, recompute=recompute)
     params, optimizer = model.trainable(init_params(config)), adamw.AdamW(1e-3)
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 500, (2, 64)), rng.integers(0, 500, (2, 64))) for _ in range(grad_accum)]
-    train.optimizer_step(params, config, optimizer, batches, 1e-3, 1.0)  # the moments exist from here on
+    train.optimizer_step(params, config, optimizer, batches, 1e-3, 1.0, recompute=recompute)  # the moments exist now
     tracemalloc.start()
     try:
-        train.optimizer_step(params, config, optimizer, batches, 1e-3, 1.0)
+        train.optimizer_step(params, config, optimizer, batches, 1e-3, 1.0, recompute=recompute)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     estimate = train.memory_needed(config, settings)
-    assert 0.95 < peak / (estimate["gradients"] + estimate["activations"]) < 1.15
+    assert 0.95 < peak / (estimate["gradients"] + estimate["activations"]) < 1.15, (peak, estimate)
 
 
 def test_a_run_too_large_for_memory_is_refused_before_it_allocates(tmp_path, text_file, monkeypatch):
@@ -393,3 +393,26 @@ def test_a_run_too_large_for_memory_is_refused_before_it_allocates(tmp_path, tex
     assert not (tmp_path / "big").exists()
     small = cli("train", "--data", text_file, "--out", tmp_path / "small", "--max-iters", 1, *TINY_FLAGS)
     assert small.exit_code == 0, small.output
+
+
+def test_recompute_trains_to_the_same_losses_bit_for_bit(tmp_path, text_file):
+    """--recompute changes what is kept for backward, not what is computed: the same log, loss for loss."""
+    def losses(directory):
+        with open(os.path.join(directory, train.LOG_FILE)) as file:
+            return [line.split(",")[:4] for line in file]
+    for name, flags in (("stored", []), ("recompute", ["--recompute"])):
+        result = cli("train", "--data", text_file, "--out", tmp_path / name, "--max-iters", 6, *TINY_FLAGS, *flags)
+        assert result.exit_code == 0, result.output
+    assert losses(tmp_path / "stored") == losses(tmp_path / "recompute")
+
+
+def test_zero1_and_recompute_shrink_the_estimate():
+    config = LlamaConfig.preset("stories15M")
+    plain = train.memory_needed(config, train.TrainSettings(batch_size=8, context=256, workers=1))
+    sharded = train.memory_needed(config, train.TrainSettings(batch_size=8, context=256, workers=1, world_size=4,
+                                                              zero=1))
+    recomputed = train.memory_needed(config, train.TrainSettings(batch_size=8, context=256, workers=1, recompute=True))
+    assert sharded["AdamW moments"] == plain["AdamW moments"] // 4
+    assert sharded["sums"] == pytest.approx(plain["weights"] * 2.25)  # flat parameters, gradients, a quarter
+    # the per-layer activations go (L·a → L·D + a); the head's B·T·2V logits and probabilities stay
+    assert recomputed["activations"] < 0.7 * plain["activations"] and recomputed["weights"] == plain["weights"]

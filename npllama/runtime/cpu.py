@@ -38,6 +38,20 @@ def _blas_thread_control():
     return None
 
 
+def cores_per_process(processes):
+    """The cores each of `processes` processes sharing this machine (an MPI job's ranks here) may use:
+    a process's own, when its launcher bound it to fewer cores than the machine has (Open MPI binds
+    each rank to a core unless oversubscribed), else an equal share of the usable cores (at least one)."""
+    bound = hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+    return usable_cores() if processes == 1 or bound else max(1, usable_cores() // processes)
+
+
+def set_blas_threads(count):
+    """BLAS on `count` threads from now on (where its thread count can be set)."""
+    if blas_threads_settable():
+        _blas_thread_control()[0](count)
+
+
 def blas_threads_settable():
     """Whether single_threaded_blas() can work here (the BLAS NumPy loaded was found)."""
     return _blas_thread_control() is not None

@@ -9,7 +9,7 @@ is the outer level of the reduction seam: within a rank, parallel.py's workers s
 
 A World is what one process sees of the job:
     Alone      a process started without mpiexec (or as its only rank): every collective is the identity
-    MpiWorld   the ranks of COMM_WORLD. Python objects travel pickled (bcast, gather); arrays travel
+    MpiWorld   the ranks of COMM_WORLD, each with BLAS on its share of its machine's cores. Python objects travel pickled (bcast, gather); arrays travel
                as buffers: NumPy ones with MPI, CuPy ones with NCCL (one GPU a rank, the NCCL id sent
                to every rank over MPI), through the same three collectives:
                    sum(buffer)                   all-reduce in place: every rank gets Σ over ranks
@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import backend
 from ..errors import UserError
+from . import cpu
 
 # What launchers put in each rank's environment: Open MPI, MPICH/Intel MPI (Hydra), PMIx, Slurm's srun.
 SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
@@ -67,6 +68,11 @@ def world():
         else:
             _world = Alone()
     return _world
+
+
+def speaks_for_the_job():
+    """Whether this process reports the job's errors: rank 0, or a process that never joined a job."""
+    return _world is None or _world.is_root
 
 
 class Alone:
@@ -119,6 +125,7 @@ class MpiWorld:
         local = self.comm.Split_type(mpi.COMM_TYPE_SHARED)  # the ranks on this machine
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
+        cpu.set_blas_threads(cpu.cores_per_process(self.local_size))  # the ranks here share the cores
         self._nccl = None
 
     # ---- Python objects ---------------------------------------------------------------------------

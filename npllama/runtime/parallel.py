@@ -77,7 +77,7 @@ def default_count():
         return int(requested)
     if backend.device() != "cpu" or not cpu.blas_threads_settable():
         return 1
-    return max(1, cpu.usable_cores() // distributed.world().local_size)
+    return cpu.cores_per_process(distributed.world().local_size)
 
 
 def workers(count):
