@@ -13,6 +13,7 @@ from npllama import dtypes, forward
 from npllama.config import LM_HEAD, parameter_shapes
 from npllama.io import meta, safetensors_file, weights
 from npllama.io.tokenizer import CharTokenizer, SentencePieceTokenizer
+from npllama.runtime.quantized import Quantized
 from tests.conftest import ROOT
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "import")
@@ -33,7 +34,9 @@ def expected_params(prefix):
 
 
 def as_arrays(params, dtype=None):
-    return {name: dtypes.compute_array(np.asarray(params[name]), dtype) for name in params}
+    """Every tensor as an array of dtype (quantized blocks widened)."""
+    return {name: dtypes.compute_array(params[name].dequantized() if isinstance(params[name], Quantized)
+                                       else np.asarray(params[name]), dtype) for name in params}
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -43,11 +46,17 @@ def test_every_layout_imports_the_same_tensors_and_logits(source):
     expected = expected_params(prefix)
     assert sorted(params) == sorted(expected)
     for name, value in expected.items():
+        if isinstance(params[name], Quantized):  # llama2.c v2: its int8 values as q8_0, the scales as float16
+            widened = params[name].dequantized()  # q · fp16(s) against the file's q · s: off by fp16's rounding
+            assert np.all(np.abs(widened - value) <= np.abs(value) * 2.0 ** -11), name
+            continue
         assert params[name].dtype == value.dtype, name
         np.testing.assert_array_equal(np.asarray(params[name]).view(np.uint8), value.view(np.uint8), err_msg=name)
     logits = forward(as_arrays(params, np.float64), config, EXPECTED["prompt"][None])
     reference = EXPECTED[prefix + "logits"].astype(np.float64)
-    assert np.abs(logits - reference).max() < 1e-4 * np.abs(reference).max()
+    # v2's weights are each within 2⁻¹¹ of the file's (float16 scales): through 2 layers, a few times that
+    tolerance = 4 * 2.0 ** -11 if source == "stories_v2.bin" else 1e-4
+    assert np.abs(logits - reference).max() < tolerance * np.abs(reference).max()
     assert (tokenizer is None) == source.endswith(".bin")
     assert config.tie_word_embeddings == (source == "stories_tied.bin")
 
@@ -157,6 +166,39 @@ def test_tied_export_has_no_head_tensor(tmp_path):
 
 
 # ---- the real pretrained llama2.c model ---------------------------------------------------------------
+def v2_tensor_sizes(config):
+    """The values of each int8 tensor of a llama2.c v2 file, in the file's order (export.py's)."""
+    d, f, layers, kv = (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                        config.num_key_value_heads * config.head_dim)
+    per_layer = [d * d, kv * d, kv * d, d * d, f * d, d * f, f * d]  # wq wk wv wo w1 w2 w3
+    return [config.vocab_size * d] + [size for size in per_layer for _ in range(layers)] + \
+        ([] if config.tie_word_embeddings else [config.vocab_size * d])
+
+
+def test_llama2c_v2_groups_smaller_than_a_block_are_dequantized_and_said(tmp_path):
+    """stories_v2.bin rewritten with groups of 16 (each group of 32 split in two, its scale repeated:
+    the same values): 16 values cannot share a q8_0 block's scale, so the matrices are float32, exactly
+    the file's q · scale, with one warning."""
+    source = os.path.join(FIXTURES, "stories_v2.bin")
+    config = weights.load(source)[0]
+    data = open(source, "rb").read()
+    norms = 4 * (2 * config.num_hidden_layers + 1) * config.hidden_size
+    header = bytearray(data[:256])
+    header[37:41] = struct.pack("<i", 16)
+    parts, offset = [bytes(header), data[256:256 + norms]], 256 + norms
+    for size in v2_tensor_sizes(config):
+        scales = np.frombuffer(data, "<f4", size // 32, offset + size)
+        parts += [data[offset:offset + size], np.repeat(scales, 2).tobytes()]
+        offset += size + 4 * (size // 32)
+    assert offset == len(data)
+    path = tmp_path / "groups_of_16.bin"
+    path.write_bytes(b"".join(parts))
+    with pytest.warns(UserWarning, match="group size 16 is not a multiple of 32: its int8 matrices are dequantized"):
+        _, params, _ = weights.load(str(path))
+    for name, value in expected_params("v2/").items():
+        np.testing.assert_array_equal(np.asarray(params[name]), value, err_msg=name)
+
+
 def test_stories260k_loads():
     config, params, tokenizer = weights.load(STORIES260K)
     assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads,

@@ -1,13 +1,23 @@
 """llama2.c checkpoints (.bin): the legacy header (7 int32s, vocab negative when the classifier is not
-shared), or the versioned one (magic "ak42", version 1: float32; version 2: int8 Q8_0, dequantized when
-read). q and k rows are stored in RoPE's interleaved-pair order and permuted to HF's on import."""
+shared), or the versioned one (magic "ak42", version 1: float32; version 2: int8 with a float32 scale
+per group of values, runq.c's "Q8_0"). q and k rows are stored in RoPE's interleaved-pair order and
+permuted to HF's on import.
+
+Version 2's matrices are kept as int8: as q8_0 blocks (runtime/quantized.py), each block of 32 taking
+its group's scale rounded to float16 (a relative change of at most 2⁻¹¹ per scale, beside int8's own
+rounding of up to 1/254 of the group's largest value). Where 32 does not divide the group size or a
+row, the values are dequantized to float32 instead (said once)."""
+import functools
 import os
 import struct
+import warnings
 
 import numpy as np
 
 from ..config import EMBEDDING, FINAL_NORM, LM_HEAD, ConfigError, LlamaConfig, block_param_name, parameter_shapes
 from ..ops import rope
+from ..errors import Notice
+from ..runtime.quantized import BLOCK, LAYOUTS, Quantized
 from .common import LazyTensors, WeightsError
 
 MAGIC = 0x616B3432  # "ak42"
@@ -85,10 +95,13 @@ def _model(path, dim, hidden, layers, heads, kv_heads, vocab, context, shared, o
         layout.quantized([EMBEDDING] + matrices + head, shapes, group)
     _check_size(path, layout.offset, f"dim {dim}, hidden {hidden}, {layers} layers, {heads} heads, "
                 f"{kv_heads} key/value heads, vocabulary {vocab}, context {context}")
+    if layout.widened:
+        warnings.warn(f"{path}: group size {group} is not a multiple of {BLOCK}: its int8 matrices are "
+                      "dequantized to float32", Notice)
     params = LazyTensors()
     for name, (dtype, shape, make) in layout.tensors.items():
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            params.add(name, dtype, shape, lambda make=make: rope.from_pairs(make(), config.head_dim))
+            params.add(name, dtype, shape, lambda make=make: make(head_dim=config.head_dim))
         else:
             params.add(name, dtype, shape, make)
     return config, params, None
@@ -108,11 +121,14 @@ def _check_size(path, needed, header):
 class _Layout:
     """Where a llama2.c file's tensors lie, walked in the file's order from the header alone (so the
     file's size is checked before anything is read). Each tensor is mapped from the file when read
-    (float32), or dequantized (int8 Q8_0: w = q · scale, one float32 scale per `group` values)."""
+    (float32), or made q8_0 blocks (int8 with one float32 scale per `group` values: module docstring).
+    make(head_dim=None) gives the tensor; with a head size, its rows put from RoPE's paired order in
+    HF's (rope.from_pairs)."""
 
     def __init__(self, path, offset):
         self.path, self.offset = path, offset
         self.tensors = {}  # name -> (dtype, shape, make)
+        self.widened = False  # some int8 matrix is dequantized to float32
 
     def _take(self, dtype, count):
         """A maker of the next count values of dtype, mapped from the file."""
@@ -125,14 +141,36 @@ class _Layout:
     def floats(self, names, shapes):
         for name in names:
             values = self._take("<f4", int(np.prod(shapes[name])))
-            self.tensors[name] = (np.float32, shapes[name], lambda v=values, shape=shapes[name]: v().reshape(shape))
+            self.tensors[name] = (np.float32, shapes[name], lambda head_dim=None, v=values, shape=shapes[name]:
+                                  _in_hf_order(v().reshape(shape), head_dim))
 
     def quantized(self, names, shapes, group):
         """Each tensor's int8 values, then its scales (as run.c's successor runq.c reads them)."""
         for name in names:
-            count = int(np.prod(shapes[name]))
+            shape = shapes[name]
+            count = int(np.prod(shape))
             if group < 1 or count % group:
                 raise WeightsError(f"{self.path}: group size {group} does not divide tensor {name}")
             values, scales = self._take("i1", count), self._take("<f4", count // group)
-            self.tensors[name] = (np.float32, shapes[name], lambda q=values, s=scales, shape=shapes[name]:
-                                  (q().reshape(-1, group) * s()[:, None]).reshape(shape))
+            if group % BLOCK == 0 and shape[1] % BLOCK == 0:
+                make = functools.cache(lambda head_dim=None, q=values, s=scales, shape=shape:
+                                       _blocks(q(), s(), group, shape, head_dim))
+                self.tensors[name] = ("q8_0", shape, make)
+            else:
+                self.widened = True
+                self.tensors[name] = (np.float32, shape, lambda head_dim=None, q=values, s=scales, shape=shape:
+                                      _in_hf_order((q().reshape(-1, group) * s()[:, None]).reshape(shape), head_dim))
+
+
+def _in_hf_order(array, head_dim):
+    return array if head_dim is None else array[rope.half_order(len(array), head_dim)]
+
+
+def _blocks(values, scales, group, shape, head_dim):
+    """q8_0 blocks of int8 values with a float32 scale per group (group a multiple of 32): the values as
+    they are, each block's scale its group's, as float16."""
+    out, width = shape
+    blocks = np.empty((out, width // BLOCK), LAYOUTS["q8_0"])
+    blocks["qs"] = values.reshape(out, width // BLOCK, BLOCK)
+    blocks["d"] = np.repeat(scales, group // BLOCK).reshape(out, width // BLOCK)
+    return Quantized.from_blocks("q8_0", _in_hf_order(blocks, head_dim))

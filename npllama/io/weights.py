@@ -19,7 +19,7 @@ Sources `load` reads (`detect` tells them apart: a directory by its files, a fil
     Meta directory  params.json; consolidated.00.pth (.01, .02 … for 13B and up: model-parallel shards,
                     each tensor split along the axis its layer is parallel on); tokenizer.model
     llama2.c .bin   the legacy header (7 int32s, vocab negative when the classifier is not shared),
-                    or the versioned one (magic "ak42", version 1: float32; version 2: int8 Q8_0)
+                    or the versioned one (magic "ak42", version 1: float32; version 2: int8, kept as q8_0)
     GGUF            llama.cpp's file (magic "GGUF"): metadata, tokenizer and tensors, F32/F16/BF16 or
                     quantized (Q8_0, Q4_0, Q4_1 kept as blocks, the others made Q8_0: gguf_file.py);
                     export_gguf writes one
