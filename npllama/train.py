@@ -48,7 +48,7 @@ CURVES_FILE = "curves.png"
 NEXT = ".next"  # a checkpoint's files are written under NAME.next first (see TrainingRun.save)
 LOCK_FILE = "run.lock"  # the process id of the one process training in a run directory
 DEFAULT_SHAPE = "shakespeare-char"  # nanoGPT's CPU recipe as a Llama; the vocabulary comes from the data
-RESUME_ADJUSTABLE = ("max_iters", "eval_interval", "eval_iters", "sample_tokens")  # no effect on the updates
+RESUME_ADJUSTABLE = ("max_iters", "eval_interval", "eval_iters", "sample_tokens", "recompute")  # same updates
 
 
 class TrainError(UserError):
@@ -532,7 +532,7 @@ def load_checkpoint(directory):
         params = model.trainable(params, settings.dtype)
     optimizer = adamw.AdamW(settings.lr, (settings.beta1, settings.beta2), weight_decay=settings.weight_decay)
     optimizer.load_state_dict({**state["optimizer"],
-                               **{kind: {name: backend.to_device(np.array(tensors[f"{kind}/{name}"]))
+                               **{kind: {name: np.array(tensors[f"{kind}/{name}"])  # to the device at the first step
                                          for name in params if f"{kind}/{name}" in tensors} for kind in ("m", "v")}})
     return Checkpoint(config, params, tokenizer, optimizer, state, base_params)
 
@@ -554,8 +554,10 @@ def start(directory, data_path=None, tokenizer=None, preset=None, model_settings
     settings = dataclasses.replace(settings, init=init)
     model_settings = {name: value for name, value in (model_settings or {}).items() if value is not None}
     world = distributed.world()
+    distributed.use_local_gpu(world)
+    compared = {**dataclasses.asdict(settings), "workers": None}  # a machine's default; every rank takes rank 0's
     world.check_same("settings", {"directory": os.path.abspath(directory), "data": data_path, "tokenizer": tokenizer,
-                                  "preset": preset, **model_settings, **dataclasses.asdict(settings), "force": force})
+                                  "preset": preset, **model_settings, **compared, "force": force})
     undo, moved = [], []
 
     def make_parts():
@@ -721,6 +723,7 @@ def resume(directory, data_path=None, force=False, **changes):
     with force goes on, its batches no longer those of the uninterrupted run. Every rank of a job
     calls it with the same arguments; rank 0 reads the checkpoint and sends the others what they need."""
     world = distributed.world()
+    distributed.use_local_gpu(world)
     world.check_same("settings", {"directory": os.path.abspath(directory), "data": data_path, "force": force,
                                   **changes})
     return _shared_run(world, lambda: _resume(directory, data_path, force, changes, world.size))
@@ -746,10 +749,9 @@ def _resume(directory, data_path, force, changes, world_size):
                          f"draws its own batches, so it would not go on as it would have. Resume it with "
                          f"`mpiexec -n {trained_by}`{' (or without mpiexec)' if trained_by == 1 else ''}, or pass "
                          f"{setting('force')} to go on with {world_size} (other batches from here on)")
-    if trained_by != world_size:
-        warnings.warn(f"{directory} was trained by {trained_by} rank(s) and goes on with {world_size}: its batches "
-                      "from here on differ from the uninterrupted run's", RunWarning)
-    settings = dataclasses.replace(TrainSettings(**{**state["settings"], "world_size": world_size}), **changes)
+    zero_stage = state["settings"].get("zero", 0) if world_size > 1 else 0  # one process has no ranks to split over
+    settings = dataclasses.replace(TrainSettings(**{**state["settings"], "world_size": world_size, "zero": zero_stage}),
+                                   **changes)
     if settings.max_iters < state["step"]:
         raise TrainError(f"{setting('max_iters')} {settings.max_iters} is below the run's step {state['step']}")
     loaded = [checkpoint.params, checkpoint.base_params or {}, checkpoint.optimizer.m, checkpoint.optimizer.v]
@@ -758,6 +760,9 @@ def _resume(directory, data_path, force, changes, world_size):
     ids, info = _read_data(data.read_text(data_path), data_path, checkpoint.tokenizer, directory)
     if info["sha256"] != state["data"]["sha256"]:
         raise TrainError(f"{info['path']} is not the text this run was trained on (its contents differ)")
+    if trained_by != world_size:
+        warnings.warn(f"{directory} was trained by {trained_by} rank(s) and goes on with {world_size}: its batches "
+                      "from here on differ from the uninterrupted run's", RunWarning)
     return dict(directory=directory, config=checkpoint.config, params=checkpoint.params,
                 tokenizer=checkpoint.tokenizer, settings=settings, ids=ids, data_info=info,
                 optimizer=checkpoint.optimizer, step=state["step"],

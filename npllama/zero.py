@@ -114,7 +114,7 @@ class Sharded:
         state = self.optimizer.state_dict()
         whole = {}
         for kind in ("m", "v"):
-            if not state[kind]:  # no step taken yet: no moments anywhere
+            if self.optimizer.steps == 0:  # no moments anywhere yet (every rank agrees: the same steps)
                 whole[kind] = {}
                 continue
             part = backend.array_module(self.part).zeros_like(self.part)
@@ -137,7 +137,7 @@ class Sharded:
             buffer = None
             if self.world.is_root:
                 buffer = backend.to_host(self.flat).copy()
-                self.layout.pack(state[kind], buffer)
+                self.layout.pack({name: backend.to_host(moment) for name, moment in state[kind].items()}, buffer)
             part = backend.array_module(self.part).zeros_like(self.part)
             self.world.scatter_parts(buffer, part)
             moments[kind] = {name: piece.copy() for name, piece in self._own(part, self.low).items()}

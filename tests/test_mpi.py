@@ -187,6 +187,10 @@ def test_zero1_run_matches_zero0_and_resumes_exactly(tmp_path, uninterrupted):
     result = run(resume_command(2, cut, "--max-iters", "24"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert losses(cut) == losses(whole)  # AdamW's parts gathered to the checkpoint and sent back out
+    alone = subprocess.run([sys.executable, CLI, "train", "--out", str(cut), "--resume", "--max-iters", "26",
+                            "--force"], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert alone.returncode == 0, alone.stderr  # one process takes the whole state: stage 0
+    assert train.load_checkpoint(str(cut)).state["settings"]["zero"] == 0
 
 
 # ---- bad launches: one line each, nothing written --------------------------------------------------------
@@ -198,7 +202,7 @@ def test_ranks_started_with_different_flags_are_refused_in_one_line(tmp_path):
     result = run(command)
     assert result.returncode != 0
     errors = error_lines(result)
-    assert len(errors) == 1 and "rank 1 was started with other settings than rank 0 (lr" in errors[0], errors
+    assert len(errors) == 1 and "rank 1 was started with other flags than rank 0 (--lr: 0.001 instead of 0.003)" in errors[0], errors
     assert not out.exists()
 
 
@@ -214,6 +218,28 @@ def test_a_global_batch_larger_than_the_data_is_refused_in_one_line(tmp_path):
     assert result.returncode != 0
     errors = error_lines(result)
     assert len(errors) == 1 and "2 ranks × --batch-size 20 windows" in errors[0], errors
+
+
+@needs_mpi
+@pytest.mark.parametrize("flags, fragment", [(["--zero", "2"], "Invalid value for '--zero'"),
+                                             (["--lora-alpha", "4"], "give --lora-rank too")])
+def test_bad_flags_under_mpiexec_are_said_once(tmp_path, flags, fragment):
+    result = run(train_command(2, tmp_path / "run", *flags))
+    errors = error_lines(result)
+    assert result.returncode != 0 and len(errors) == 1 and fragment in errors[0], result.stdout + result.stderr
+
+
+@needs_mpi
+def test_mpi4py_missing_under_mpiexec_is_said_once(tmp_path):
+    without_mpi4py = ("import sys; sys.modules['mpi4py'] = None; sys.argv[0] = 'cli.py'; "
+                      "from npllama.cli import main; main()")
+    command = train_command(2, tmp_path / "run")
+    command[command.index(CLI)] = "-c"
+    command.insert(command.index("-c") + 1, without_mpi4py)
+    result = run(command)
+    errors = error_lines(result)
+    assert result.returncode != 0 and len(errors) == 1, result.stdout + result.stderr
+    assert "started as one of 2 MPI ranks, but mpi4py is not installed" in errors[0]
 
 
 def test_zero1_without_mpi_is_refused_in_one_line(tmp_path):

@@ -28,12 +28,16 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as error:  # bad input: one line ("Error: ..."), exit status 1, no traceback
-            if not distributed.speaks_for_the_job():  # rank 0 of an MPI job says it for every rank
-                raise SystemExit(1) from None
+            _quiet_unless_rank_0(1)
             raise click.ClickException(error.message(flag)) from None
         except click.UsageError as error:  # a command's flag, its value, or the command: one line too
+            _quiet_unless_rank_0(error.exit_code)
             raise _UsageError.of(error, ctx) from None
+        except click.ClickException as error:
+            _quiet_unless_rank_0(error.exit_code)
+            raise
         except OSError as error:  # unreadable files, full disks: the system's reason is the message
+            _quiet_unless_rank_0(1)
             raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")) from None
 
 
@@ -43,7 +47,14 @@ class _Commands(click.Group):
         except click.UsageError as error:  # the program's own flags (`npllama --bogus`)
             if type(error).__name__ == "NoArgsIsHelpError":  # `npllama` alone: click shows the help
                 raise
+            _quiet_unless_rank_0(error.exit_code)
             raise _UsageError.of(error) from None
+
+
+def _quiet_unless_rank_0(exit_code):
+    """An MPI job's ranks all meet the same bad input: rank 0 says it, the others exit with its status."""
+    if not distributed.speaks_for_the_job():
+        raise SystemExit(exit_code)
 
 
 class _UsageError(click.ClickException):

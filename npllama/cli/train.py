@@ -21,6 +21,7 @@ MODEL_FLAGS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads":
                "n_kv_heads": "num_key_value_heads", "hidden": "intermediate_size",
                "context": "max_position_embeddings", "tied": "tie_word_embeddings"}
 SETTINGS = training.TrainSettings
+READS_FILES = distributed.speaks_for_the_job()  # an MPI job's other ranks get the data from rank 0 (another machine)
 
 
 def _lora_targets(ctx, param, value):
@@ -40,14 +41,14 @@ def _setting(name, kind, **options):
 
 
 @click.command("train")
-@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False),
+@click.option("--data", "data_path", type=click.Path(exists=READS_FILES, dir_okay=False),
               help="A UTF-8 text file. Default: the built-in corpus, "
               "npllama/corpus/shakespeare-sample.txt (about 100 KB of Shakespeare, no download).")
 @click.option("--out", type=click.Path(),
               help="The run directory (checkpoints, log.csv, curves.png). Default: runs/DATA-NAME.")
 @click.option("--tokenizer", "tokenizer_spec", help="char (default for a new model), bpe:N (train a SentencePiece "
               "BPE of N pieces on the data) or PATH.model. With --init, the model's own.")
-@click.option("--init", "init_path", type=click.Path(exists=True),
+@click.option("--init", "init_path", type=click.Path(exists=READS_FILES),
               help="Start from these weights (a weights file or HF directory): continued "
               "pre-training or fine-tuning with the model's tokenizer.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
@@ -100,14 +101,14 @@ def _setting(name, kind, **options):
 @click.pass_context
 def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force, preset, device, **flags):
     """Train a Llama on a text file: checkpoints, log.csv and curves.png in the run directory."""
-    if not flags["lora_rank"] and (given(ctx, "lora_alpha") or given(ctx, "lora_targets")):
-        raise click.ClickException("--lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank too")
-    backend.use(device)
     world = distributed.world()
-    distributed.use_local_gpu(world)
     if not world.is_root:  # rank 0 speaks for the job
         sys.stdout = open(os.devnull, "w")
         warnings.simplefilter("ignore")
+    world.check_same("flags", {max(option.opts, key=len): ctx.params[option.name] for option in ctx.command.params})
+    if not flags["lora_rank"] and (given(ctx, "lora_alpha") or given(ctx, "lora_targets")):
+        raise click.ClickException("--lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank too")
+    backend.use(device)
     model_settings = {MODEL_FLAGS[name]: flags.pop(name) for name in MODEL_FLAGS}
     if init_path:  # the model's shape is given; --context only shortens the training windows
         flags["context"] = model_settings.pop("max_position_embeddings")
@@ -176,6 +177,8 @@ def _train_with_progress(run, out, world):
                                    on_eval=on_eval)
     finally:
         _restore(previous)
+    if not world.is_root:
+        return
     if outcome == "interrupted":
         click.echo(f"interrupted at step {run.step}: checkpoint saved; continue with "
                    f"`{program()} train --out {shlex.quote(out)} --resume`", err=True)

@@ -30,6 +30,7 @@ from . import cpu
 
 # What launchers put in each rank's environment: Open MPI, MPICH/Intel MPI (Hydra), PMIx, Slurm's srun.
 SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 CHUNK_BYTES = 1 << 30  # one message's most: MPI counts are 32-bit ints in many builds
 
 
@@ -43,11 +44,20 @@ class Stopped(DistributedError):
 
 def launched_size(environ=os.environ):
     """The number of ranks a launcher started this process among (1 without one)."""
-    for name in SIZE_VARIABLES:
+    return _launcher_number(SIZE_VARIABLES, environ, 1)
+
+
+def launched_rank(environ=os.environ):
+    """This process's rank as its launcher numbered it (0 without one), known before MPI starts."""
+    return _launcher_number(RANK_VARIABLES, environ, 0) if launched_size(environ) > 1 else 0
+
+
+def _launcher_number(names, environ, default):
+    for name in names:
         value = environ.get(name, "")
         if value.isdigit():
             return int(value)
-    return 1
+    return default
 
 
 _world = None
@@ -71,8 +81,9 @@ def world():
 
 
 def speaks_for_the_job():
-    """Whether this process reports the job's errors: rank 0, or a process that never joined a job."""
-    return _world is None or _world.is_root
+    """Whether this process reports the job's errors and reads its input files: rank 0 (as its launcher
+    numbered it, before MPI starts), or a process started alone."""
+    return _world.is_root if _world is not None else launched_rank() == 0
 
 
 class Alone:
@@ -164,7 +175,7 @@ class MpiWorld:
                                 if self.is_root else None)
         received = {}
         for name, shape, dtype in layout:
-            array = np.ascontiguousarray(arrays[name]) if self.is_root else np.empty(shape, dtype)
+            array = np.ascontiguousarray(backend.to_host(arrays[name])) if self.is_root else np.empty(shape, dtype)
             flat = array.reshape(-1).view(np.uint8)
             for start in range(0, flat.size, CHUNK_BYTES):
                 self.comm.Bcast(flat[start:start + CHUNK_BYTES], root=0)
@@ -260,7 +271,8 @@ class NcclArrays:
 
 
 def use_local_gpu(world):
-    """On CUDA, one GPU per rank of a machine: the local rank's (modulo the GPUs there are)."""
+    """On CUDA, one GPU per rank of a machine: the local rank's (modulo the GPUs there are). Before any
+    array is made: NCCL refuses a communicator whose ranks share a GPU."""
     if world.size > 1 and backend.device() == "cuda":
         import cupy
         cupy.cuda.Device(world.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
