@@ -377,7 +377,7 @@ def test_library_errors_name_settings_and_the_cli_names_flags(tmp_path, text_fil
     train.run(run)
     with pytest.raises(train.TrainError) as error:
         train.resume(str(tmp_path / "r"), lr=0.5)
-    assert "lr cannot change (only max_iters, eval_interval, eval_iters, sample_tokens can)" in str(error.value)
+    assert "lr cannot change (only max_iters, eval_interval, eval_iters, sample_tokens, recompute can)" in str(error.value)
     from npllama.cli import flag
     assert "--lr cannot change (only --max-iters, --eval-interval" in error.value.message(flag)
     with pytest.raises(train.TrainError, match="already holds a training run; pass resume to continue it"):
