@@ -27,6 +27,53 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "tinyshakespeare.txt")
 
 
+def train(data_path=DATA, seed=1337, max_iters=2000, eval_iters=200, init="hf"):
+    """Train the recipe in torch; returns {'seconds', 'train', 'val'} (bench/init_recipe.py calls it too)."""
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    torch.set_num_threads(os.cpu_count())
+
+    text = data.read_text(data_path)
+    tokenizer = data.make_tokenizer("char", text, None)
+    ids = np.array(tokenizer.encode(text), dtype=np.int64)
+    train_ids, val_ids = data.split(ids, 0.1)
+    config = LlamaConfig.from_dict({**LlamaConfig.preset("shakespeare-char").to_dict(), "vocab_size": tokenizer.vocab_size})
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_dict()))
+    if init == "npllama":
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in init_params(config, seed=seed).items()})
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.99), foreach=False)
+    rng = np.random.default_rng(seed)
+    context = config.max_position_embeddings
+    started = time.perf_counter()
+    for step in range(max_iters):
+        for group in optimizer.param_groups:
+            group["lr"] = adamw.learning_rate(step, 1e-3, 1e-4, 100, max_iters)
+        x, y = (torch.from_numpy(a) for a in data.random_batch(train_ids, 12, context, rng))
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    seconds = time.perf_counter() - started
+    eval_rng = np.random.default_rng([seed, max_iters])
+    means = {}
+    with torch.no_grad():
+        for split, split_ids in (("train", train_ids), ("val", val_ids)):
+            losses = []
+            for _ in range(eval_iters):
+                x, y = (torch.from_numpy(a) for a in data.random_batch(split_ids, 12, context, eval_rng))
+                logits = model(input_ids=x).logits
+                losses.append(float(torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size),
+                                                                      y.reshape(-1))))
+            means[split] = float(np.mean(losses))
+    return {"seconds": seconds, **means}
+
+
 def main():
     import torch
     import transformers
@@ -37,48 +84,10 @@ def main():
     parser.add_argument("--eval-iters", type=int, default=200)
     parser.add_argument("--init", choices=["hf", "npllama"], default="hf")
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(os.cpu_count())
-
-    text = data.read_text(args.data)
-    tokenizer = data.make_tokenizer("char", text, None)
-    ids = np.array(tokenizer.encode(text), dtype=np.int64)
-    train_ids, val_ids = data.split(ids, 0.1)
-    config = LlamaConfig.from_dict({**LlamaConfig.preset("shakespeare-char").to_dict(), "vocab_size": tokenizer.vocab_size})
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_dict()))
-    if args.init == "npllama":
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in init_params(config, seed=args.seed).items()})
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
-                                  lr=1e-3, betas=(0.9, 0.99), foreach=False)
-    rng = np.random.default_rng(args.seed)
-    context = config.max_position_embeddings
-    started = time.perf_counter()
-    for step in range(args.max_iters):
-        for group in optimizer.param_groups:
-            group["lr"] = adamw.learning_rate(step, 1e-3, 1e-4, 100, args.max_iters)
-        x, y = (torch.from_numpy(a) for a in data.random_batch(train_ids, 12, context, rng))
-        logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    seconds = time.perf_counter() - started
-    eval_rng = np.random.default_rng([args.seed, args.max_iters])
-    means = {}
-    with torch.no_grad():
-        for split, split_ids in (("train", train_ids), ("val", val_ids)):
-            losses = []
-            for _ in range(args.eval_iters):
-                x, y = (torch.from_numpy(a) for a in data.random_batch(split_ids, 12, context, eval_rng))
-                logits = model(input_ids=x).logits
-                losses.append(float(torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size),
-                                                                      y.reshape(-1))))
-            means[split] = float(np.mean(losses))
+    result = train(args.data, args.seed, args.max_iters, args.eval_iters, args.init)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, init {args.init}, seed {args.seed}: "
-          f"{args.max_iters} steps in {seconds:.1f} s; train loss {means['train']:.4f}, val loss {means['val']:.4f}")
+          f"{args.max_iters} steps in {result['seconds']:.1f} s; train loss {result['train']:.4f}, "
+          f"val loss {result['val']:.4f}")
 
 
 if __name__ == "__main__":
