@@ -67,10 +67,12 @@ def test_init_is_seeded_and_scaled(xp):
     assert all(bool((a[k] == b[k]).all()) for k in a)
     assert not bool((a["model.embed_tokens.weight"] == c["model.embed_tokens.weight"]).all())
     assert float(a["model.norm.weight"].min()) == float(a["model.norm.weight"].max()) == 1.0
-    q_std = float(a["model.layers.0.self_attn.q_proj.weight"].std())
-    o_std = float(a["model.layers.0.self_attn.o_proj.weight"].std())
-    assert abs(q_std - 0.02) < 0.002
-    assert abs(o_std - 0.02 / np.sqrt(2 * config.num_hidden_layers)) < 0.002
+    for scheme, o_expected in (("hf", 0.02), ("gpt2", 0.02 / np.sqrt(2 * config.num_hidden_layers))):
+        params = npllama.init_params(config, seed=0, scheme=scheme)
+        assert abs(float(params["model.layers.0.self_attn.q_proj.weight"].std()) - 0.02) < 0.002
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            assert abs(float(params[f"model.layers.0.{name}.weight"].std()) - o_expected) < 0.002, (scheme, name)
+    assert all(bool((a[k] == npllama.init_params(config, seed=0, scheme="hf")[k]).all()) for k in a)  # the default
 
 
 def test_initial_loss_is_uniform_guess(xp):

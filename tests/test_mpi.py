@@ -113,7 +113,7 @@ def test_zero1_equals_zero0_bit_for_bit_without_clipping(two_rank_steps):
 @needs_mpi
 def test_zero1_equals_zero0_to_fp32_rounding_with_clipping(two_rank_steps):
     """Stage 1 sums the norm's squares in its own order: the clip factor may differ in its last bit."""
-    np.testing.assert_allclose(two_rank_steps["zero1/norms"], two_rank_steps["zero0/norms"], rtol=1e-12)
+    np.testing.assert_allclose(two_rank_steps["zero1/norms"], two_rank_steps["zero0/norms"], rtol=1e-6)
     np.testing.assert_allclose(two_rank_steps["zero1/losses"], two_rank_steps["zero0/losses"], rtol=1e-6)
     for key in two_rank_steps:
         if key.startswith("zero0/") and "/model." in key:

@@ -28,16 +28,16 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as error:  # bad input: one line ("Error: ..."), exit status 1, no traceback
-            _quiet_unless_rank_0(1)
+            _quiet_unless_rank_0()
             raise click.ClickException(error.message(flag)) from None
         except click.UsageError as error:  # a command's flag, its value, or the command: one line too
-            _quiet_unless_rank_0(error.exit_code)
+            _quiet_unless_rank_0()
             raise _UsageError.of(error, ctx) from None
-        except click.ClickException as error:
-            _quiet_unless_rank_0(error.exit_code)
+        except click.ClickException:
+            _quiet_unless_rank_0()
             raise
         except OSError as error:  # unreadable files, full disks: the system's reason is the message
-            _quiet_unless_rank_0(1)
+            _quiet_unless_rank_0()
             raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")) from None
 
 
@@ -47,14 +47,16 @@ class _Commands(click.Group):
         except click.UsageError as error:  # the program's own flags (`npllama --bogus`)
             if type(error).__name__ == "NoArgsIsHelpError":  # `npllama` alone: click shows the help
                 raise
-            _quiet_unless_rank_0(error.exit_code)
+            _quiet_unless_rank_0()
             raise _UsageError.of(error) from None
 
 
-def _quiet_unless_rank_0(exit_code):
-    """An MPI job's ranks all meet the same bad input: rank 0 says it, the others exit with its status."""
+def _quiet_unless_rank_0():
+    """An MPI job's ranks all meet the same bad input: rank 0 says it and its exit status is the job's;
+    the others end quietly with 0, since mpiexec kills every rank (rank 0 before it has said anything)
+    as soon as one ends with an error."""
     if not distributed.speaks_for_the_job():
-        raise SystemExit(exit_code)
+        raise SystemExit(0)
 
 
 class _UsageError(click.ClickException):
