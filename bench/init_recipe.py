@@ -13,8 +13,8 @@ Each run is the README's
         --warmup 100 --beta1 0.9 --beta2 0.99 --weight-decay 0.1 --grad-clip 1.0 --eval-interval 2000 --seed S
 
 (the same batches, from a generator seeded by S, and the same final evaluation: the mean loss of 200
-random batches of each split) with the weights from model.init_params(config, S, scheme=...); so gpt2's
-row is `cli.py train --seed S`'s run. Losses are exact for a given worker count (the shards' gradients
+random batches of each split) with the weights from model.init_params(config, S, scheme=...); so the
+default scheme's row is `cli.py train --seed S`'s run. Losses are exact for a given worker count (the shards' gradients
 are summed in a fixed order); --workers 2 is what `cli.py train` records on a 2-core machine.
 Prints one row per run (seconds: the 2000 training steps, evaluation left out), then each scheme's
 mean and range.

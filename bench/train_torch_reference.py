@@ -12,7 +12,8 @@ in the same order as `cli.py train`), schedule, AdamW settings (decay on matrice
         --warmup 100 --beta1 0.9 --beta2 0.99 --weight-decay 0.1 --grad-clip 1.0 --eval-interval 2000
 
 --init hf keeps transformers' own initialisation (N(0, 0.02) everywhere); --init npllama loads
-npllama.init_params(seed) so only the arithmetic differs. Prints the training time and the final
+npllama.init_params(seed, scheme=--scheme) (the same weights as `cli.py train --seed S`, whose default
+scheme is "hf") so only the arithmetic differs. Prints the training time and the final
 mean train/val loss over --eval-iters random batches (a generator seeded by the step, as npllama's).
 """
 import argparse
@@ -21,13 +22,13 @@ import time
 
 import numpy as np
 
-from npllama import LlamaConfig, adamw, data, init_params
+from npllama import LlamaConfig, adamw, data, model as npllama_model
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                     "tinyshakespeare.txt")
 
 
-def train(data_path=DATA, seed=1337, max_iters=2000, eval_iters=200, init="hf"):
+def train(data_path=DATA, seed=1337, max_iters=2000, eval_iters=200, init="hf", scheme=None):
     """Train the recipe in torch; returns {'seconds', 'train', 'val'} (bench/init_recipe.py calls it too)."""
     import torch
     import transformers
@@ -41,7 +42,8 @@ def train(data_path=DATA, seed=1337, max_iters=2000, eval_iters=200, init="hf"):
     config = LlamaConfig.from_dict({**LlamaConfig.preset("shakespeare-char").to_dict(), "vocab_size": tokenizer.vocab_size})
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_dict()))
     if init == "npllama":
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in init_params(config, seed=seed).items()})
+        weights = npllama_model.init_params(config, seed=seed, scheme=scheme or npllama_model.INIT_SCHEMES[0])
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
@@ -83,8 +85,10 @@ def main():
     parser.add_argument("--max-iters", type=int, default=2000)
     parser.add_argument("--eval-iters", type=int, default=200)
     parser.add_argument("--init", choices=["hf", "npllama"], default="hf")
+    parser.add_argument("--scheme", choices=npllama_model.INIT_SCHEMES, default=npllama_model.INIT_SCHEMES[0],
+                        help="npllama's init scheme, with --init npllama")
     args = parser.parse_args()
-    result = train(args.data, args.seed, args.max_iters, args.eval_iters, args.init)
+    result = train(args.data, args.seed, args.max_iters, args.eval_iters, args.init, args.scheme)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, init {args.init}, seed {args.seed}: "
           f"{args.max_iters} steps in {result['seconds']:.1f} s; train loss {result['train']:.4f}, "
           f"val loss {result['val']:.4f}")
