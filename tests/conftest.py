@@ -1,6 +1,7 @@
 """Every test runs on the device NPLLAMA_DEVICE names (cpu by default here; cuda on a GPU machine)."""
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,5 +29,18 @@ def xp():
 
 @pytest.fixture
 def rng():
-    import numpy as np
     return np.random.default_rng(1234)
+
+
+def array_bytes(value, seen):
+    """Bytes of the arrays in a nest of caches (NamedTuples, tuples, lists) not in `seen` (by base)."""
+    if isinstance(value, np.ndarray):
+        while isinstance(value.base, np.ndarray):
+            value = value.base
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
+        return value.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(array_bytes(item, seen) for item in value)
+    return 0

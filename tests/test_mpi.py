@@ -5,6 +5,7 @@ rounding of the norm with it); a CLI run whose rank is killed ends with one line
 checkpoint intact, and resumes to the uninterrupted run's losses; bad launches are one line each.
 Skipped, with the reason, where mpi4py or mpiexec is missing (the README's setup installs both)."""
 import csv
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,11 +21,10 @@ from tests import mpi_steps
 from tests.conftest import ROOT
 
 MPIEXEC = shutil.which("mpiexec")
-try:
-    import mpi4py  # noqa: F401
-    MISSING = None if MPIEXEC else "mpiexec is not on PATH"
-except ImportError:
+if importlib.util.find_spec("mpi4py") is None:
     MISSING = "mpi4py is not installed (pip install -r requirements.txt installs it with Open MPI)"
+else:
+    MISSING = None if MPIEXEC else "mpiexec is not on PATH"
 needs_mpi = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 # Open MPI refuses root without these (containers, CI), and more ranks than cores without --oversubscribe.

@@ -10,6 +10,7 @@ import pytest
 import npllama
 from npllama import adapters, backend, model
 from npllama.runtime.quantized import quantize
+from tests.conftest import array_bytes
 from tests.gradcheck import numerical_grad, relative_error
 from tests.test_model_gradcheck import random_params
 
@@ -106,20 +107,6 @@ def test_recompute_gradients_match_finite_differences(xp, rng):
 # ---- memory ---------------------------------------------------------------------------------------
 MEMORY_CONFIG = npllama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=172, num_hidden_layers=6,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-
-
-def array_bytes(value, seen):
-    """Bytes of the arrays in a nest of caches (NamedTuples, tuples, lists) not in `seen` (by base)."""
-    if isinstance(value, np.ndarray):
-        while isinstance(value.base, np.ndarray):
-            value = value.base
-        if id(value) in seen:
-            return 0
-        seen.add(id(value))
-        return value.nbytes
-    if isinstance(value, (tuple, list)):
-        return sum(array_bytes(item, seen) for item in value)
-    return 0
 
 
 def test_recompute_keeps_only_the_block_inputs():

@@ -16,7 +16,7 @@ import pytest
 
 from npllama import LlamaConfig, backend, init_params, model, train
 from npllama.io import files
-from tests.conftest import ROOT
+from tests.conftest import ROOT, array_bytes
 from tests.test_train import (MODEL_SETTINGS, RUN_FLAGS, SHAPE_FLAGS, TEXT, TINY_FLAGS, assert_one_clear_line, cli,
                               library_run, logged_losses)
 
@@ -325,21 +325,6 @@ def test_a_negative_seed_elsewhere_is_one_line(tmp_path):
 
 
 # ---- memory: the need estimated before a run allocates it (item 6) -------------------------------
-def _new_bytes(value, seen):
-    """Bytes of the arrays in a nest of caches (NamedTuples, tuples, lists) not in `seen` (by base)."""
-    if isinstance(value, np.ndarray):
-        base = value
-        while isinstance(base.base, np.ndarray):
-            base = base.base
-        if id(base) in seen:
-            return 0
-        seen.add(id(base))
-        return base.nbytes
-    if isinstance(value, (tuple, list)):
-        return sum(_new_bytes(item, seen) for item in value)
-    return 0
-
-
 @pytest.mark.parametrize("kv_heads", [8, 2])  # MHA (q and k kept rotated together); GQA (q grouped apart)
 def test_the_activation_estimate_matches_what_the_forward_keeps(kv_heads):
     """memory_needed's activations against the bytes of the arrays a micro-batch's forward really keeps
@@ -354,7 +339,7 @@ def test_the_activation_estimate_matches_what_the_forward_keeps(kv_heads):
     h, caches = model.run_stack(weights, tokens, keep_caches=True)
     _, head_cache = lm_head.forward(h, weights.head, tokens)
     seen = {id(array) for array in params.values()}
-    kept = _new_bytes(caches.blocks, seen) + _new_bytes(head_cache, seen) + tokens.size * config.vocab_size * 4
+    kept = array_bytes(caches.blocks, seen) + array_bytes(head_cache, seen) + tokens.size * config.vocab_size * 4
     estimate = train.memory_needed(config, settings)
     assert abs(estimate["activations"] - kept) < 0.02 * kept, (estimate["activations"], kept)
     assert estimate["weights"] == sum(array.nbytes for array in params.values())
