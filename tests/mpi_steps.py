@@ -1,6 +1,7 @@
 """Run under `mpiexec -n R` by tests/test_mpi.py (not a test module): optimizer steps of a small GQA
 model, rank r computing rows r·b … (r + 1)·b − 1 of each global batch of R·b windows, once per case of
-CASES (ZeRO stage, clipping). Rank 0 saves every case's losses, norms and final parameters to OUT.npz.
+CASES (ZeRO stage, clipping). Rank 0 saves every case's losses, norms, final parameters and each
+rank's bytes of AdamW moments to OUT.npz.
 
     mpiexec -n 2 python3 tests/mpi_steps.py OUT.npz ROWS_PER_RANK STEPS
 """
@@ -37,15 +38,16 @@ def run_case(world, stage, clip, rows_per_rank, steps):
                                           workers=parallel.OneProcess(), update=update)
         losses.append(loss)
         norms.append(norm)
-    return losses, norms, params
+    moment_bytes = world.gather(sum(moment.nbytes for moments in (optimizer.m, optimizer.v) for moment in moments.values()))
+    return losses, norms, params, moment_bytes
 
 
 def main(out, rows_per_rank, steps):
     world = distributed.world()
     results = {}
     for case, (stage, clip) in CASES.items():
-        losses, norms, params = run_case(world, stage, clip, rows_per_rank, steps)
-        results.update({f"{case}/losses": losses, f"{case}/norms": norms,
+        losses, norms, params, moment_bytes = run_case(world, stage, clip, rows_per_rank, steps)
+        results.update({f"{case}/losses": losses, f"{case}/norms": norms, f"{case}/moment_bytes": moment_bytes,
                         **{f"{case}/{name}": value for name, value in params.items()}})
     if world.is_root:
         np.savez(out, **results)

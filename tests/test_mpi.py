@@ -106,8 +106,16 @@ def test_two_ranks_equal_one_process_with_their_windows_bit_for_bit(two_rank_ste
 def test_zero1_equals_zero0_bit_for_bit_without_clipping(two_rank_steps):
     """The losses and parameters; the norm, reported but unused, sums its squares in another order."""
     for key in two_rank_steps:
-        if key.startswith("zero0-noclip/") and key != "zero0-noclip/norms":
+        if key.startswith("zero0-noclip/") and key not in ("zero0-noclip/norms", "zero0-noclip/moment_bytes"):
             assert np.array_equal(two_rank_steps[key], two_rank_steps[key.replace("zero0", "zero1")]), key
+
+
+@needs_mpi
+def test_zero1_splits_adamws_state_across_the_ranks(two_rank_steps):
+    whole = two_rank_steps["zero0/moment_bytes"]
+    assert whole[0] == whole[1] == 2 * 4 * mpi_steps.npllama.LlamaConfig.num_parameters(mpi_steps.config())
+    assert sum(two_rank_steps["zero1/moment_bytes"]) == whole[0]  # each element's moments on one rank only
+    assert max(two_rank_steps["zero1/moment_bytes"]) <= whole[0] // 2 + 8  # half each (the last part padded)
 
 
 @needs_mpi
