@@ -306,12 +306,8 @@ class TrainingRun:
         self.settings, self.data_info = settings, data_info
         if self.world.is_root:
             os.makedirs(directory, exist_ok=True)
-        if settings.context is not None and settings.context > config.max_position_embeddings:
-            raise TrainError(f"{setting('context')} {settings.context} is longer than the model's context "
-                             f"({config.max_position_embeddings})")
+        _check_windows(settings, config, ids, self.world.size)
         self.train_ids, self.val_ids = data.split(ids, settings.val_fraction)
-        data.check_long_enough(self.train_ids, self.val_ids, self.context)
-        self._check_global_batch()
         self.optimizer = adamw.AdamW(settings.lr, (settings.beta1, settings.beta2), weight_decay=settings.weight_decay)
         self.update = zero.make(settings.zero, self.world, self.optimizer, {name: self.arrays[name] for name in params})
         if optimizer is not None:
@@ -332,13 +328,6 @@ class TrainingRun:
         """Windows per optimizer step, over every rank: ranks × batch_size × grad_accum."""
         return self.world.size * self.settings.batch_size * self.settings.grad_accum
 
-    def _check_global_batch(self):
-        tokens = self.world.size * self.settings.batch_size * self.context
-        if self.world.size > 1 and tokens > len(self.train_ids):
-            raise TrainError(f"{self.world.size} ranks × {setting('batch_size')} {self.settings.batch_size} windows × "
-                             f"{self.context} tokens ({tokens:,} tokens a micro-batch) is more than the training "
-                             f"split holds ({len(self.train_ids):,} tokens): use fewer ranks or a smaller "
-                             f"{setting('batch_size')}")
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def train_step(self):
@@ -436,6 +425,22 @@ class TrainingRun:
         else:
             weights.save(self.checkpoint_file + NEXT, self.config, self.params, self.tokenizer,
                          metadata={STEP_KEY: str(self.step)})
+
+
+def _check_windows(settings, config, ids, ranks):
+    """Refuse windows the model or the data cannot give: longer than the model's context, longer than
+    either split, or more of them a micro-batch across the ranks than the training split holds."""
+    context = settings.context or config.max_position_embeddings
+    if context > config.max_position_embeddings:
+        raise TrainError(f"{setting('context')} {settings.context} is longer than the model's context "
+                         f"({config.max_position_embeddings})")
+    train_ids, val_ids = data.split(ids, settings.val_fraction)
+    data.check_long_enough(train_ids, val_ids, context)
+    tokens = ranks * settings.batch_size * context
+    if ranks > 1 and tokens > len(train_ids):
+        raise TrainError(f"{ranks} ranks × {setting('batch_size')} {settings.batch_size} windows × {context} tokens "
+                         f"({tokens:,} tokens a micro-batch) is more than the training split holds "
+                         f"({len(train_ids):,} tokens): use fewer ranks or a smaller {setting('batch_size')}")
 
 
 def _data_stream(seed, rank, state=None, resumed_at=None):
@@ -550,13 +555,13 @@ def start(directory, data_path=None, tokenizer=None, preset=None, model_settings
     same arguments (the job stops if they differ); rank 0 starts the run and sends the others the model
     and the data."""
     settings = settings or TrainSettings()
-    init = os.path.abspath(settings.init) if settings.init else None
-    settings = dataclasses.replace(settings, init=init)
     model_settings = {name: value for name, value in (model_settings or {}).items() if value is not None}
     world = distributed.world()
     distributed.use_local_gpu(world)
     compared = {**dataclasses.asdict(settings), "workers": None}  # a machine's default; every rank takes rank 0's
-    world.check_same("settings", {"directory": os.path.abspath(directory), "data": data_path, "tokenizer": tokenizer,
+    init = os.path.abspath(settings.init) if settings.init else None  # (compared as given: another machine's cwd)
+    settings = dataclasses.replace(settings, init=init)
+    world.check_same("settings", {"directory": directory, "data": data_path, "tokenizer": tokenizer,
                                   "preset": preset, **model_settings, **compared, "force": force})
     undo, moved = [], []
 
@@ -662,6 +667,7 @@ def _shared_run(world, make_parts, on_failure=lambda: None):
     if world.is_root:
         try:
             parts = make_parts()
+            _check_windows(parts["settings"], parts["config"], parts["ids"], world.size)  # here, not on every rank
         except BaseException:
             world.broadcast(None)
             on_failure()
@@ -724,7 +730,7 @@ def resume(directory, data_path=None, force=False, **changes):
     calls it with the same arguments; rank 0 reads the checkpoint and sends the others what they need."""
     world = distributed.world()
     distributed.use_local_gpu(world)
-    world.check_same("settings", {"directory": os.path.abspath(directory), "data": data_path, "force": force,
+    world.check_same("settings", {"directory": directory, "data": data_path, "force": force,
                                   **changes})
     return _shared_run(world, lambda: _resume(directory, data_path, force, changes, world.size))
 
@@ -863,7 +869,10 @@ def _steps(training, should_stop, on_step, on_eval):
 
 
 def _check_finite(training, values, step):
+    """Stop on a value that is not finite (every rank of a job has the same ones: rank 0 says it)."""
     for what, value in values.items():
+        if not math.isfinite(value) and not training.world.is_root:
+            raise distributed.Stopped()
         if not math.isfinite(value):
             kept = (f"the last checkpoint (step {training.saved_step}) in {training.directory} is kept"
                     if training.saved_step is not None else "no checkpoint had been written yet")

@@ -246,8 +246,32 @@ def test_mpi4py_missing_under_mpiexec_is_said_once(tmp_path):
     command.insert(command.index("-c") + 1, without_mpi4py)
     result = run(command)
     errors = error_lines(result)
+    assert result.returncode != 0 and 1 <= len(errors) <= 2, result.stdout + result.stderr  # each rank lacks it
+    assert all("started as one of 2 MPI ranks, but mpi4py is not installed" in error for error in errors)
+
+
+@needs_mpi
+def test_a_failure_of_one_rank_alone_is_said_by_rank_0_naming_it(tmp_path):
+    """Rank 1 alone asks for a device it cannot have: rank 0 names rank 1 and the reason; nothing written."""
+    out = tmp_path / "run"
+    first = train_command(1, out, "--max-iters", "2")
+    second = train_command(1, out, "--max-iters", "2")[len(mpiexec(1)) - 2:]
+    second[2:2] = ["env", "NPLLAMA_DEVICE=tpu"]  # after "-n 1": rank 1's environment alone
+    result = run([*first, ":", *second])
+    errors = error_lines(result)
     assert result.returncode != 0 and len(errors) == 1, result.stdout + result.stderr
-    assert "started as one of 2 MPI ranks, but mpi4py is not installed" in errors[0]
+    assert errors[0].startswith("Error: rank 1: ") and "tpu" in errors[0]
+    assert not out.exists()
+
+
+@needs_mpi
+def test_missing_data_under_mpiexec_is_one_line_from_rank_0(tmp_path):
+    command = train_command(2, tmp_path / "run")
+    command[command.index("--data") + 1] = str(tmp_path / "nowhere.txt")
+    result = run(command)
+    errors = error_lines(result)
+    assert result.returncode == 2 and len(errors) == 1, result.stdout + result.stderr
+    assert "Invalid value for '--data': File" in errors[0] and "does not exist" in errors[0]
 
 
 def test_zero1_without_mpi_is_refused_in_one_line(tmp_path):

@@ -27,18 +27,19 @@ class _Commands(click.Group):
         warnings.simplefilter("always", Notice)  # each is about this command's files: say it every time
         try:
             return super().invoke(ctx)
+        except distributed.Stopped:  # another rank of an MPI job failed: rank 0 says why, its status is the job's
+            raise SystemExit(0) from None
         except UserError as error:  # bad input: one line ("Error: ..."), exit status 1, no traceback
-            _quiet_unless_rank_0()
-            raise click.ClickException(error.message(flag)) from None
+            raise click.ClickException(_from_this_rank(error.message(flag))) from None
         except click.UsageError as error:  # a command's flag, its value, or the command: one line too
             _quiet_unless_rank_0()
             raise _UsageError.of(error, ctx) from None
-        except click.ClickException:
-            _quiet_unless_rank_0()
+        except click.ClickException as error:
+            error.message = _from_this_rank(error.message)
             raise
         except OSError as error:  # unreadable files, full disks: the system's reason is the message
-            _quiet_unless_rank_0()
-            raise click.ClickException(f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")) from None
+            message = f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")
+            raise click.ClickException(_from_this_rank(message)) from None
 
 
     def make_context(self, info_name, args, parent=None, **extra):
@@ -52,11 +53,17 @@ class _Commands(click.Group):
 
 
 def _quiet_unless_rank_0():
-    """An MPI job's ranks all meet the same bad input: rank 0 says it and its exit status is the job's;
-    the others end quietly with 0, since mpiexec kills every rank (rank 0 before it has said anything)
-    as soon as one ends with an error."""
+    """Flags every rank of an MPI job parses alike: rank 0 says what is wrong and its exit status is
+    the job's; the others end quietly with 0, since mpiexec kills every rank (rank 0 before it has said
+    anything) as soon as one ends with an error."""
     if not distributed.speaks_for_the_job():
         raise SystemExit(0)
+
+
+def _from_this_rank(message):
+    """An error of this rank alone (the job's shared ones reach the others as Stopped): named by rank
+    when it is not rank 0's."""
+    return message if distributed.speaks_for_the_job() else f"rank {distributed.this_rank()}: {message}"
 
 
 class _UsageError(click.ClickException):

@@ -21,7 +21,7 @@ MODEL_FLAGS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads":
                "n_kv_heads": "num_key_value_heads", "hidden": "intermediate_size",
                "context": "max_position_embeddings", "tied": "tie_word_embeddings"}
 SETTINGS = training.TrainSettings
-READS_FILES = distributed.speaks_for_the_job()  # an MPI job's other ranks get the data from rank 0 (another machine)
+READS_FILES = distributed.launched_size() == 1  # a job's rank 0 checks its files after MPI starts (_set_up)
 
 
 def _lora_targets(ctx, param, value):
@@ -106,17 +106,14 @@ def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force,
         sys.stdout = open(os.devnull, "w")
         warnings.simplefilter("ignore")
     world.check_same("flags", {max(option.opts, key=len): ctx.params[option.name] for option in ctx.command.params})
-    if not flags["lora_rank"] and (given(ctx, "lora_alpha") or given(ctx, "lora_targets")):
-        raise click.ClickException("--lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank too")
-    backend.use(device)
     model_settings = {MODEL_FLAGS[name]: flags.pop(name) for name in MODEL_FLAGS}
     if init_path:  # the model's shape is given; --context only shortens the training windows
         flags["context"] = model_settings.pop("max_position_embeddings")
     out = out or os.path.join("runs", os.path.splitext(os.path.basename(data_path or data.BUILTIN_CORPUS))[0])
+    settings = world.agree(lambda: _set_up(ctx, world, device, data_path, init_path, resume, flags))
     if resume:
         run = training.resume(out, data_path, force, **_given_settings(ctx, flags, tokenizer_spec, init_path, preset))
     else:
-        settings = SETTINGS(**flags, init=init_path)
         run = training.start(out, data_path, tokenizer_spec, preset, model_settings, settings, force)
     if run.settings.lora_rank:
         trained = sum(int(value.size) for value in run.params.values())
@@ -133,6 +130,20 @@ def train_command(ctx, data_path, out, tokenizer_spec, init_path, resume, force,
                    f"{run.global_batch} windows of {run.context} tokens; ZeRO stage {s.zero}: AdamW's state "
                    f"{human_bytes(training.memory_needed(run.config, s)['AdamW moments'])} a rank")
     _train_with_progress(run, out, world)
+
+
+def _set_up(ctx, world, device, data_path, init_path, resume, flags):
+    """What may fail before a run starts, on every rank of a job at once (world.agree): the input files
+    (rank 0 reads them; alone, click checked them already), the flags' own checks, this rank's device.
+    Returns a new run's settings (None when resuming)."""
+    if world.is_root and not READS_FILES:
+        for name, path, kind in (("--data", data_path, "File"), ("--init", init_path, "Path")):
+            if path and not os.path.exists(path):
+                raise click.BadParameter(f"{kind} {click.format_filename(path)!r} does not exist.", param_hint=f"'{name}'")
+    if not flags["lora_rank"] and (given(ctx, "lora_alpha") or given(ctx, "lora_targets")):
+        raise click.ClickException("--lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank too")
+    backend.use(device)
+    return None if resume else SETTINGS(**flags, init=init_path)
 
 
 def _given_settings(ctx, flags, tokenizer_spec, init_path, preset):

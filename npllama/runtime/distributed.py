@@ -29,8 +29,9 @@ from ..errors import UserError
 from . import cpu
 
 # What launchers put in each rank's environment: Open MPI, MPICH/Intel MPI (Hydra), PMIx, Slurm's srun.
-SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
-RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+# (Not Slurm's SLURM_NTASKS: a batch script sets it for the plain processes it starts too.)
+SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 CHUNK_BYTES = 1 << 30  # one message's most: MPI counts are 32-bit ints in many builds
 
 
@@ -39,7 +40,7 @@ class DistributedError(UserError):
 
 
 class Stopped(DistributedError):
-    """Raised on the other ranks when rank 0 stops the job with an error: rank 0 says why, they say nothing."""
+    """Raised on the other ranks when rank 0 stops the job with an error: rank 0 says why, they end quietly."""
 
 
 def launched_size(environ=os.environ):
@@ -86,6 +87,11 @@ def speaks_for_the_job():
     return _world.is_root if _world is not None else launched_rank() == 0
 
 
+def this_rank():
+    """This process's rank in its job (0 alone), before MPI starts too."""
+    return _world.rank if _world is not None else launched_rank()
+
+
 class Alone:
     """One process: the job is this process, every collective returns what it was given."""
     rank, size, local_rank, local_size = 0, 1, 0, 1
@@ -123,6 +129,9 @@ class Alone:
 
     def check_same(self, what, value):
         pass
+
+    def agree(self, action):
+        return action()
 
 
 class MpiWorld:
@@ -167,6 +176,24 @@ class MpiWorld:
                                    f"({_difference(values[0], values[differing[0]])}): start every rank "
                                    "with the same command")
         raise Stopped()
+
+    def agree(self, action):
+        """action() on every rank (work that may fail on one rank alone: its device, its files), returning
+        its result; should it fail on any rank, every rank stops: rank 0 raises its own error, or one
+        naming the rank that failed and why; the others raise Stopped."""
+        try:
+            result, failure = action(), None
+        except Exception as error:  # re-raised below, once every rank knows
+            result, failure = None, error
+        failures = self.all_gather_objects(None if failure is None else str(failure))
+        failed = [rank for rank, message in enumerate(failures) if message is not None]
+        if not failed:
+            return result
+        if not self.is_root:
+            raise Stopped()
+        if failure is not None:
+            raise failure
+        raise DistributedError(f"rank {failed[0]}: {failures[failed[0]]}")
 
     # ---- arrays -------------------------------------------------------------------------------------
     def broadcast_arrays(self, arrays):
