@@ -328,7 +328,6 @@ class TrainingRun:
         """Windows per optimizer step, over every rank: ranks × batch_size × grad_accum."""
         return self.world.size * self.settings.batch_size * self.settings.grad_accum
 
-
     # ---- one optimizer step -----------------------------------------------------------------------
     def train_step(self):
         """Draw grad_accum batches and take one optimizer step (optimizer_step). Returns a StepReport;
