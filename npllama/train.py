@@ -188,7 +188,7 @@ def _training_bytes(params, name, settings):
     """A weight's bytes once model.trainable has it: blocks as stored, floats in the master dtype."""
     stored, shape = safetensors_file.dtype_and_shape(params, name)
     if dtypes.is_quantized(stored):
-        return shape[0] * quantized.row_bytes(stored, shape[1])
+        return int(np.prod(quantized.stored_shape(stored, shape)))
     return int(np.prod(shape)) * (8 if settings.dtype == "fp64" else 4)
 
 

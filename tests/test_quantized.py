@@ -69,14 +69,22 @@ def test_what_cannot_be_blocks_is_refused(rng):
         Quantized.from_bytes("q4_0", np.zeros(4 * 2 * 18 - 1, np.uint8), (4, 64))
 
 
+@pytest.mark.parametrize("cores", [1, 3])
 @pytest.mark.parametrize("kind", KINDS)
-def test_products_gathers_and_dx_equal_the_widened_weights(kind, rng):
-    weight = quantize(awkward_matrix(rng, rows=96, width=128), kind)
+def test_products_gathers_and_dx_equal_the_widened_weights(kind, cores, rng, monkeypatch):
+    """The q of 3 block columns of all 96 rows widened at a time (7 columns: runs of 3, 3 and 1, for dx
+    and one core's decoding); with 3 cores, decoding's columns are shared 2, 2 and 3 (a run each) and the
+    wider products' output rows 32 each."""
+    from npllama.runtime import cpu, quantized
+    monkeypatch.setattr(cpu, "usable_cores", lambda: cores)
+    monkeypatch.setattr(quantized, "SHARED_FROM", 0)
+    monkeypatch.setattr(quantized, "WIDENED_VALUES", 3 * 32 * 96)
+    weight = quantize(awkward_matrix(rng, rows=96, width=7 * 32), kind)
     dense = weight.dequantized()
     for rows in (1, 4, 5):  # decoding's partial sums (up to PARTIAL_SUMS_UP_TO rows), then widened blocks
-        few = rng.standard_normal((rows, 128)).astype(np.float32)
+        few = rng.standard_normal((rows, 7 * 32)).astype(np.float32)
         np.testing.assert_allclose(weight.forward(few)[0], few @ dense.T, rtol=1e-5, atol=1e-4)
-    x = rng.standard_normal((2, 3, 128)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 7 * 32)).astype(np.float32)
     y, cache = weight.forward(x)
     np.testing.assert_allclose(y, x @ dense.T, rtol=1e-5, atol=1e-4)
     dy = rng.standard_normal((2, 3, 96)).astype(np.float32)
@@ -169,15 +177,15 @@ def test_a_quantized_model_evaluates_and_trains_lora_adapters_but_not_every_weig
 
 
 def test_a_lora_runs_memory_counts_a_quantized_base_as_its_blocks(monkeypatch):
-    """check_memory with the weights a run starts from: q8_0 blocks count their bytes (34 per 32
-    values), not float32's (128), so a run that fits with them is not refused."""
+    """check_memory with the weights a run starts from: q8_0 blocks count their bytes in memory (36
+    per 32 values: the scale held as float32), not float32's (128), so a run that fits with them is not refused."""
     from npllama import backend
     config, held, _ = quantized_model("q8_0")
     settings = train.TrainSettings(init="base", lora_rank=2, batch_size=1, context=8, workers=1)
     as_floats, as_blocks = (sum(train.memory_needed(config, settings, weight_bytes).values()) for weight_bytes in
                             (None, sum(train._training_bytes(held, name, settings) for name in held)))
     matrices = sum(value.shape[0] * value.shape[1] for value in held.values() if isinstance(value, Quantized))
-    assert as_floats - as_blocks == matrices * (4 - 34 / 32)
+    assert as_floats - as_blocks == matrices * (4 - 36 / 32)
     monkeypatch.setattr(backend, "free_memory", lambda: (as_floats + as_blocks) // 2)
     train.check_memory(config, settings, params=held)  # fits as blocks
     with pytest.raises(train.TrainError, match="this run needs about"):

@@ -255,7 +255,7 @@ def rewritten(tmp_path, source, change):
     (lambda record: json.dumps({**record, "lm_head.weight": record["model.embed_tokens.weight"]}),
      "tensor lm_head.weight is listed as q8_0 blocks"),
     (lambda record: json.dumps({**record, "model.embed_tokens.weight": {"type": "q8_0", "shape": [512, 96]}}),
-     "model.embed_tokens.weight: 34,816 bytes are not q8_0 blocks of a 512 × 96 weight (52,224 bytes)"),
+     "model.embed_tokens.weight: 36,864 bytes are not q8_0 blocks of a 512 × 96 weight (55,296 bytes)"),
     (lambda record: json.dumps({**record, "model.embed_tokens.weight": {"type": "q3_0", "shape": [512, 64]}}),
      "model.embed_tokens.weight: 'q3_0' is not a block type"),
     (lambda record: "{not json", "its record of quantized tensors (npllama.quantized) is damaged"),
@@ -278,6 +278,30 @@ def test_load_weights_to_blocks_overwrites_nothing(tmp_path):
 
 
 def test_a_file_with_blocks_says_so_to_older_readers(q8_file):
-    """Its format version is 2 (npllama before blocks read 1 and refuse what is newer, in one line)."""
+    """Its format version is 3 (npllama before blocks read 1, npllama 0.3 read 2 (blocks by row), and
+    both refuse what is newer, in one line)."""
     metadata, _ = safetensors_file.read(q8_file)
-    assert metadata[weights.VERSION_KEY] == weights.BLOCKS_FORMAT_VERSION == "2"
+    assert metadata[weights.VERSION_KEY] == weights.BLOCKS_FORMAT_VERSION == "3"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_format_2_file_with_blocks_by_row_is_still_read(tmp_path, stories, kind):
+    """npllama 0.3 wrote a weight's blocks a row per row: each row's float16 d, (m), then q, field by
+    field. Such a file loads to the same blocks (laid out anew)."""
+    config, params, _ = stories
+    path, old = str(tmp_path / "q.safetensors"), str(tmp_path / "old.safetensors")
+    with pytest.warns(Notice):
+        weights.save(path, config, params, None, dtype=kind)
+    metadata, tensors = safetensors_file.read(path)
+    _, current, _ = weights.load(path)
+    by_rows = dict(tensors)
+    for name, weight in current.items():
+        if isinstance(weight, Quantized):
+            blocks = weight.blocks
+            by_rows[name] = np.concatenate([np.ascontiguousarray(blocks[field]).view(np.uint8).reshape(len(blocks), -1)
+                                            for field in blocks.dtype.names], axis=1)
+    safetensors_file.write(old, by_rows, {**metadata, weights.VERSION_KEY: "2"})
+    _, loaded, _ = weights.load(old)
+    for name, weight in current.items():
+        if isinstance(weight, Quantized):
+            assert loaded[name].kind == kind and loaded[name].blocks.tobytes() == weight.blocks.tobytes(), name

@@ -9,7 +9,7 @@ Reading maps the file once and views each tensor in place, so a 13.5 GB file cos
 its pages are touched. Writing streams one tensor at a time to a temporary file beside the target,
 then renames it: an interrupted write never leaves a half-written file under the target's name.
 A quantized weight (runtime/quantized.py) is written as its bytes (Quantized.data): a U8 tensor of shape
-(out, in / 32 × block bytes), a row of blocks per row; what it was is the writer's to record (the npllama
+(in / 32, out × block bytes), a block column per row; what it was is the writer's to record (the npllama
 weights file's metadata does).
 """
 import json
@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import UserError
-from ..runtime.quantized import BLOCK as QUANTIZED_BLOCK, LAYOUTS, Quantized
+from ..runtime.quantized import Quantized, stored_shape
 from . import files
 
 MAX_HEADER_BYTES = 100 << 20  # the reference implementation's limit too
@@ -112,8 +112,7 @@ def _stored(dtype, shape):
     """The dtype and shape a tensor of that storage type and shape has in the file: a block type's as bytes."""
     if not dtypes.is_quantized(dtype):
         return dtype, shape
-    out, width = shape
-    return np.dtype(np.uint8), (out, width // QUANTIZED_BLOCK * LAYOUTS[dtype].itemsize)
+    return np.dtype(np.uint8), stored_shape(dtype, shape)
 
 
 def dtype_and_shape(tensors, name):

@@ -2,8 +2,9 @@
 
 The npllama weights file is one safetensors file (safetensors_file.py):
     tensors      HF transformers' names and layouts (config.py), in the dtype they were saved in; a
-                 quantized weight (runtime/quantized.py) as its rows' bytes: U8 (out, in / 32 × block bytes),
-                 each row's block fields one after another (Quantized.data)
+                 quantized weight (runtime/quantized.py) as its bytes, laid out for the product: U8
+                 (in / 32, out × block bytes), a block column per row (Quantized.data). Format 2
+                 (npllama 0.3) kept a row of blocks per row, float16 scales: read, and laid out anew
     metadata     "npllama.config":    the config as config.json's JSON
                  "npllama.tokenizer": the tokenizer (tokenizer.to_metadata), absent when there is none
                  "npllama.quantized": {name: {"type": "q8_0", "shape": [out, in]}} of the quantized
@@ -45,13 +46,14 @@ from .. import backend, dtypes
 from ..adapters import TARGETS as LORA_TARGETS, Adapted, adapter_names
 from ..config import human_bytes, human_count, parameter_shapes
 from ..errors import Notice
-from ..runtime.quantized import Quantized, QuantizeError
+from ..runtime.quantized import BLOCK, LAYOUTS, Quantized, QuantizeError
 from . import gguf_file, hf, llama2c, meta, safetensors_file, tokenizer as tokenizers
 from .common import (LazyTensors, WeightsError, as_storage_type, config_from_json, host_floats,  # noqa: F401
                      host_tensors, TokenizerWarning, read_safetensors, read_tokenizer, tokenizer_settings)
 
 FORMAT_VERSION = "1"
-BLOCKS_FORMAT_VERSION = "2"  # a file holding quantized blocks (QUANTIZED_KEY): npllama 0.3's readers know them
+BLOCKS_FORMAT_VERSION = "3"  # a file holding quantized blocks (QUANTIZED_KEY), laid out by block column
+ROWS_OF_BLOCKS_VERSION = 2  # npllama 0.3's quantized files: a row of blocks per row
 RUN_MODEL_FILE = "model.safetensors"  # where a training run keeps its model (train.MODEL_FILE)
 CONFIG_KEY, TOKENIZER_KEY, VERSION_KEY = "npllama.config", "npllama.tokenizer", "npllama.version"
 QUANTIZED_KEY = "npllama.quantized"
@@ -172,6 +174,21 @@ def _read_npllama(path):
     return config, {**tensors, **_quantized_tensors(path, metadata, tensors)}, tokenizer
 
 
+def _from_rows_of_blocks(kind, data, shape):
+    """A weight from format 2's bytes: a row's block fields one after another, field by field (all its d,
+    then (q4_1) all its m, then all its q), float16 scales. Laid out anew (a copy)."""
+    out, width = shape
+    layout = LAYOUTS[kind]
+    if width % BLOCK or data.size != out * width // BLOCK * layout.itemsize:
+        raise QuantizeError(f"{data.size:,} bytes are not {kind} blocks of a {out} × {width} weight")
+    rows, blocks, first = data.reshape(out, -1), np.empty((out, width // BLOCK), layout), 0
+    for field in layout.names:
+        end = first + blocks.shape[1] * layout[field].itemsize
+        blocks[field] = rows[:, first:end].view(layout[field].base).reshape(blocks[field].shape)
+        first = end
+    return Quantized.from_blocks(kind, blocks)
+
+
 def _positive_sizes(shape):
     if not isinstance(shape, list) or not all(isinstance(n, int) and n > 0 for n in shape):
         raise ValueError(f"{shape!r} is not a list of positive sizes")
@@ -194,7 +211,10 @@ def _quantized_tensors(path, metadata, tensors):
             raise WeightsError(f"{path}: tensor {name} is listed as {kind} blocks of shape {shape}, but the file "
                                "has no such tensor of bytes")
         try:
-            quantized[name] = Quantized.from_rows(kind, tensors[name], shape)
+            if int(metadata.get(VERSION_KEY, FORMAT_VERSION)) == ROWS_OF_BLOCKS_VERSION:
+                quantized[name] = _from_rows_of_blocks(kind, tensors[name], shape)
+            else:
+                quantized[name] = Quantized.from_data(kind, tensors[name], shape)
         except QuantizeError as error:
             raise WeightsError(f"{path}: tensor {name}: {error}") from None
     return quantized

@@ -35,23 +35,14 @@ class Streamed:
         return self.stored.shape
 
     def forward(self, x):
-        """x Wᵀ: (..., in) -> (..., out), in self.dtype. The blocks are dealt out to the usable cores,
-        one thread each, with BLAS set to one thread meanwhile (cpu.single_threaded_blas)."""
+        """x Wᵀ: (..., in) -> (..., out), in self.dtype. The blocks are dealt out to the usable cores
+        (in_threads)."""
         rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=self.dtype)
         y = np.empty((rows.shape[0], self.shape[0]), dtype=self.dtype)
         blocks = list(self._blocks())
         workers = max(1, min(cpu.usable_cores(), len(blocks)))
-        if workers == 1 or not cpu.blas_threads_settable():
-            self._multiply(rows, blocks, y)
-        else:
-            shares = [blocks[i::workers] for i in range(workers)]  # interleaved: neighbours run together
-            with cpu.single_threaded_blas():
-                helpers = [_pool(workers - 1).submit(self._multiply, rows, share, y) for share in shares[1:]]
-                try:
-                    self._multiply(rows, shares[0], y)
-                finally:
-                    for helper in helpers:  # BLAS goes back to its threads only once they are done
-                        helper.result()
+        shares = [blocks[i::workers] for i in range(workers)]  # interleaved: neighbours run together
+        in_threads([functools.partial(self._multiply, rows, share, y) for share in shares])
         return y.reshape(*x.shape[:-1], self.shape[0]), None
 
     def backward(self, dy, cache):
@@ -78,6 +69,20 @@ class Streamed:
         """(first row, end row) of every block."""
         per_block = max(1, BLOCK_BYTES // (self.shape[1] * self.dtype.itemsize))
         return ((start, min(start + per_block, self.shape[0])) for start in range(0, self.shape[0], per_block))
+
+
+def in_threads(tasks):
+    """Each task's result, the tasks run side by side, one thread each (the caller's the first), with
+    BLAS on one thread meanwhile (cpu.single_threaded_blas): a core each."""
+    if len(tasks) == 1 or not cpu.blas_threads_settable():
+        return [task() for task in tasks]
+    with cpu.single_threaded_blas():
+        helpers = [_pool(len(tasks) - 1).submit(task) for task in tasks[1:]]
+        try:
+            first = tasks[0]()
+        finally:
+            results = [helper.result() for helper in helpers]  # BLAS gets its threads back once they are done
+    return [first, *results]
 
 
 @functools.lru_cache(maxsize=None)
