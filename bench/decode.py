@@ -13,11 +13,15 @@ Prints prefill and decode tok/s, the median of --repeats runs. With --gguf the w
 written as a GGUF file (export-gguf) and read back from it, as a llama.cpp model would be: the load
 time (reading the file, then making the weights the decoder computes with) is printed too, and torch
 gets the same (dequantized) weights. q8_0, q4_0 and q4_1 tensors stay blocks (runtime/quantized.py);
---fp32 times the same model with every weight widened to float32 in the same run.
+--fp32 times the same model with every weight widened to float32 in the same run. With --gguf on
+the CPU, the peak RSS of `cli.py generate` reading the GGUF file (and, with --fp32, an F32 one of the
+same weights) in a process of its own is printed too.
 """
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -28,6 +32,8 @@ from npllama import backend, generation
 from npllama.io import weights
 from npllama.runtime import cpu
 from npllama.runtime.quantized import Quantized
+
+CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cli.py")
 
 
 def npllama_speeds(params, config, prompt, new_tokens, dtype):
@@ -75,7 +81,18 @@ def through_gguf(config, params, quant_type, directory):
     made = time.perf_counter() - started
     print(f"GGUF {quant_type}: {os.path.getsize(path) / 2**20:.1f} MiB; load {read:.2f} s, "
           f"weights made {made:.2f} s")
-    return config, params
+    return config, params, path
+
+
+def peak_rss(path, prompt, new_tokens):
+    """Peak resident bytes of `cli.py generate` on the weights file at path, in a process of its own (under
+    /usr/bin/time: a child forked from this process would count this process's pages until its exec)."""
+    result = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, CLI, "generate", "--weights", path,
+                             "--device", "cpu", "--prompt-ids", " ".join(map(str, prompt)), "-n", str(new_tokens)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode:
+        raise SystemExit(f"cli.py generate on {path} failed: {result.stderr.strip()}")
+    return int(result.stderr.split()[-1]) * 1024  # %M: KiB
 
 
 def widened(value):
@@ -107,12 +124,20 @@ def main():
         params = npllama.init_params(config, seed=0)
     scratch = tempfile.TemporaryDirectory()
     if args.gguf:
-        config, params = through_gguf(config, params, args.gguf, scratch.name)
-    prompt = [1] + list(np.random.default_rng(0).integers(3, config.vocab_size, args.prompt_tokens - 1))
+        config, params, gguf_path = through_gguf(config, params, args.gguf, scratch.name)
+    prompt = [1] + [int(i) for i in np.random.default_rng(0).integers(3, config.vocab_size, args.prompt_tokens - 1)]
     threads = cpu.usable_cores()
     print(f"{args.weights or args.preset}: {npllama.config.human_count(config.num_parameters())} params, "
           f"{backend.describe()}, {threads} cores, prompt {len(prompt)}, {args.new_tokens} new tokens")
 
+    if args.gguf and args.device == "cpu":
+        sizes = {args.gguf: peak_rss(gguf_path, prompt, args.new_tokens)}
+        if args.fp32:
+            weights.export_gguf(os.path.join(scratch.name, "model.f32.gguf"), config, {
+                name: widened(value) for name, value in params.items()}, None, "f32")
+            sizes["f32"] = peak_rss(os.path.join(scratch.name, "model.f32.gguf"), prompt, args.new_tokens)
+        print("peak RSS of cli.py generate on the GGUF file: " +
+              ", ".join(f"{kind} {size / 2**20:.0f} MiB" for kind, size in sizes.items()))
     variants = [("npllama", params)]
     if args.fp32:
         variants.append(("fp32", {name: widened(value) for name, value in params.items()}))
