@@ -95,6 +95,37 @@ def test_products_gathers_and_dx_equal_the_widened_weights(kind, cores, rng, mon
     assert np.array_equal(weight[ids], dense[ids])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_with_fewer_rows_than_cores_multiply(kind, rng, monkeypatch):
+    """2 output rows on 4 cores: decoding's columns and the wider products' rows are shared only among
+    as many cores as there are of them."""
+    from npllama.runtime import cpu, quantized
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 4)
+    monkeypatch.setattr(quantized, "SHARED_FROM", 0)
+    weight = quantize(rng.standard_normal((2, 64)), kind)
+    for rows in (1, 9):
+        x = rng.standard_normal((rows, 64)).astype(np.float32)
+        np.testing.assert_allclose(weight.forward(x)[0], x @ weight.dequantized().T, rtol=1e-5, atol=1e-4)
+
+
+def test_work_shared_out_from_a_shared_out_task_runs_there():
+    """in_threads called inside one of its own threads runs the inner tasks in that thread (waiting for
+    the pool from inside it would wait for ever)."""
+    import threading
+    from npllama.runtime.streamed import in_threads
+
+    def inner():
+        return in_threads([threading.current_thread, threading.current_thread])
+
+    results = []
+    outer = threading.Thread(target=lambda: results.extend(in_threads([inner, inner])), daemon=True)
+    outer.start()
+    outer.join(timeout=30)
+    assert not outer.is_alive(), "in_threads waited for its own pool"
+    from_the_pool = results[1]
+    assert len({*from_the_pool}) == 1 and from_the_pool[0].name.startswith("npllama-streamed")
+
+
 def quantized_model(kind, seed=0):
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,

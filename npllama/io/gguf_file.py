@@ -27,8 +27,8 @@ That is rope.to_pairs, which counts heads as rows/hd (n_head for q, n_head_kv fo
 read its inverse rope.from_pairs.
 
 Quantized tensors. Q8_0, Q4_0 and Q4_1 are kept as blocks: runtime/quantized.py's, whose bytes are laid
-out anew when read (each row's fields one after another: a copy of the tensor's bytes, and q and k rows
-reordered). The other types
+out anew when read (by block column, the scales as float32: a copy of the tensor's bytes, and q and k
+rows reordered). The other types
 npllama reads (Q5_0, Q5_1 and the K-quants Q2_K … Q6_K) are dequantized with gguf-py once, when read,
 and quantized again to Q8_0: x̂ = d·round(w/d), d = max|w|/127 per 32 values. That adds at most d/2 to
 each value (plus d's fp16 rounding, 2⁻¹¹·d per unit of q): on the Q4_K and Q6_K tensors of llama.cpp's

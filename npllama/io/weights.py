@@ -33,6 +33,7 @@ LoRA adapters have a small file of their own (save_adapters, load_adapters; merg
 which records a fingerprint of the model they were trained on: loading them onto another model is refused.
 """
 import collections
+import functools
 import json
 import os
 import re
@@ -53,7 +54,7 @@ from .common import (LazyTensors, WeightsError, as_storage_type, config_from_jso
 
 FORMAT_VERSION = "1"
 BLOCKS_FORMAT_VERSION = "3"  # a file holding quantized blocks (QUANTIZED_KEY), laid out by block column
-ROWS_OF_BLOCKS_VERSION = 2  # npllama 0.3's quantized files: a row of blocks per row
+ROWS_OF_BLOCKS_VERSION = "2"  # npllama 0.3's quantized files: a row of blocks per row
 RUN_MODEL_FILE = "model.safetensors"  # where a training run keeps its model (train.MODEL_FILE)
 CONFIG_KEY, TOKENIZER_KEY, VERSION_KEY = "npllama.config", "npllama.tokenizer", "npllama.version"
 QUANTIZED_KEY = "npllama.quantized"
@@ -171,7 +172,24 @@ def _read_npllama(path):
         raise WeightsError(f"{path}: written by a newer npllama (format {metadata[VERSION_KEY]}); upgrade npllama")
     config = config_from_json(path, metadata[CONFIG_KEY])
     tokenizer = tokenizers.from_metadata(metadata[TOKENIZER_KEY]) if TOKENIZER_KEY in metadata else None
-    return config, {**tensors, **_quantized_tensors(path, metadata, tensors)}, tokenizer
+    quantized = _quantized_tensors(path, metadata, tensors)
+    if metadata.get(VERSION_KEY) != ROWS_OF_BLOCKS_VERSION:
+        return config, {**tensors, **quantized}, tokenizer
+    params = LazyTensors()  # format 2: each weight of blocks is laid out anew when first used
+    for name, value in tensors.items():
+        params.add(name, value.dtype, value.shape, lambda value=value: value)
+    for name, (kind, shape, make) in quantized.items():
+        params.add(name, kind, shape, functools.cache(make))
+    return config, params, tokenizer
+
+
+def _check_rows_of_blocks(kind, data, shape):
+    """Format 2's bytes of a weight: out rows of in / 32 blocks."""
+    out, width = shape
+    expected = out * width // BLOCK * LAYOUTS[kind].itemsize
+    if width % BLOCK or data.size != expected:
+        raise QuantizeError(f"{data.size:,} bytes are not {kind} blocks of a {out} × {width} weight "
+                            f"({expected:,} bytes)")
 
 
 def _from_rows_of_blocks(kind, data, shape):
@@ -179,8 +197,6 @@ def _from_rows_of_blocks(kind, data, shape):
     then (q4_1) all its m, then all its q), float16 scales. Laid out anew (a copy)."""
     out, width = shape
     layout = LAYOUTS[kind]
-    if width % BLOCK or data.size != out * width // BLOCK * layout.itemsize:
-        raise QuantizeError(f"{data.size:,} bytes are not {kind} blocks of a {out} × {width} weight")
     rows, blocks, first = data.reshape(out, -1), np.empty((out, width // BLOCK), layout), 0
     for field in layout.names:
         end = first + blocks.shape[1] * layout[field].itemsize
@@ -196,7 +212,8 @@ def _positive_sizes(shape):
 
 
 def _quantized_tensors(path, metadata, tensors):
-    """The tensors QUANTIZED_KEY lists, as Quantized weights on the file's (memory-mapped) bytes."""
+    """The tensors QUANTIZED_KEY lists, checked: as Quantized weights on the file's (memory-mapped) bytes,
+    or for format 2 as (kind, shape, a function making the weight)."""
     try:
         listed = {name: (entry["type"], _positive_sizes(entry["shape"]))
                   for name, entry in json.loads(metadata.get(QUANTIZED_KEY, "{}")).items()}
@@ -211,8 +228,9 @@ def _quantized_tensors(path, metadata, tensors):
             raise WeightsError(f"{path}: tensor {name} is listed as {kind} blocks of shape {shape}, but the file "
                                "has no such tensor of bytes")
         try:
-            if int(metadata.get(VERSION_KEY, FORMAT_VERSION)) == ROWS_OF_BLOCKS_VERSION:
-                quantized[name] = _from_rows_of_blocks(kind, tensors[name], shape)
+            if metadata.get(VERSION_KEY) == ROWS_OF_BLOCKS_VERSION:
+                _check_rows_of_blocks(kind, tensors[name], shape)
+                quantized[name] = (kind, shape, functools.partial(_from_rows_of_blocks, kind, tensors[name], shape))
             else:
                 quantized[name] = Quantized.from_data(kind, tensors[name], shape)
         except QuantizeError as error:

@@ -14,15 +14,16 @@ one after another, each as its fields d (m) q (LAYOUTS); so does export.
 In memory (and in the npllama weights file) the blocks are laid out for the product instead: by block
 column. Row b of `data` holds the b-th block of every output row, field by field: d of all rows, then
 (q4_1) m of all rows, then q as (32, out) int8 (q8_0) or (16, out) packed bytes (4-bit): value k of
-every row in one run. The scales keep their float16 values but are held as float32 (2 bytes more a
-block): NumPy widens float16 at ~0.5 G values/s, which cost a third of a 7B token's decode.
+every row in one run. The scales keep their float16 values but are held as float32 (36, 20 and 24
+bytes a block): NumPy widens float16 at ~0.5 G values/s, which cost a third of a 7B token's decode.
 
 Decoding (a few rows of x) sums each block column's products before scaling them:
     P_b = x_b · q_b      x_b: (N, 32) the block's inputs, q_b: (32, out) widened to float32
     y   = Σ_b d_b ⊙ P_b  (+ Σ_b (Σ_k x_b,k) o_b,   o = −8·d for q4_0, m for q4_1)
-so the only pass over the weights is NumPy's int8 → float32 cast (a contiguous run of block columns
-at a time, into a reusable buffer), then a batched BLAS product over it; the block columns are shared
-among the cores, each summing its own. More rows (a prompt, training LoRA over a quantized base) widen
+so the one pass over the weights is NumPy's int8 → float32 cast (4-bit values unpacked to bytes
+first; a contiguous run of block columns at a time, into a reusable buffer), then a batched BLAS
+product over it; for weights of SHARED_FROM values or more the block columns are shared among the
+cores, each summing its own. More rows (a prompt, training LoRA over a quantized base) widen
 x̂ itself, a block column group at a time, and multiply by it with BLAS, the output rows shared among
 the cores. The backward gives dx = dy Ŵ the same way (a frozen base under LoRA adapters); there is no
 gradient for the weight itself. The embedding gathers and widens only the rows it is asked for
@@ -130,7 +131,7 @@ SEPARATOR = "@"  # as_arrays' names: NAME@q8_0
 
 
 def as_arrays(params):
-    """params with each Quantized weight as its blocks' bytes (out, in / 32 × block bytes) under
+    """params with each Quantized weight as its bytes (`data`: in / 32, out × block bytes) under
     NAME@KIND: what the shard pool shares between processes (plain arrays only); from_arrays undoes it."""
     return {f"{name}{SEPARATOR}{value.kind}" if isinstance(value, Quantized) else name:
             value.data if isinstance(value, Quantized) else value for name, value in params.items()}
@@ -185,7 +186,7 @@ class Quantized(Streamed):
         if kind not in LAYOUTS:
             raise QuantizeError(f"unknown block type {kind!r}; npllama keeps {', '.join(LAYOUTS)}")
         expected = stored_shape(kind, shape)
-        if shape[1] % BLOCK or data.size != expected[0] * expected[1]:
+        if shape[1] % BLOCK or data.size != expected[0] * expected[1] or (data.ndim == 2 and data.shape != expected):
             raise QuantizeError(f"{data.size:,} bytes are not {kind} blocks of a {shape[0]} × {shape[1]} "
                                 f"weight ({expected[0] * expected[1]:,} bytes)")
         return cls(kind, data.reshape(expected))
@@ -259,16 +260,27 @@ class Quantized(Streamed):
 
     def _blocks(self):
         """Output rows in one range per usable core (their block columns are read in runs of that many)."""
-        out, workers = self.shape[0], max(1, cpu.usable_cores())
+        out = self.shape[0]
+        workers = max(1, min(cpu.usable_cores(), out))
         return ((out * share // workers, out * (share + 1) // workers) for share in range(workers))
 
     def __getitem__(self, ids):
-        """The rows ids (any integer array), widened: ids.shape + (in,)."""
+        """The rows ids (any integer array), widened: ids.shape + (in,). Each row's values lie one per
+        block column and value (in of them, `out` bytes apart): an untied embedding memory-mapped from
+        a file has most of its pages read in after a few tokens."""
         ids = np.asarray(ids)
-        planes = _sliced(self.planes, slice(None), ids.reshape(-1))
+        return self._rows(ids.reshape(-1)).reshape(*ids.shape, self.shape[1])
+
+    def widen(self, start, end):
+        """Rows start … end − 1 as float32 (out, in)."""
+        return self._rows(slice(start, end))
+
+    def _rows(self, rows):
+        """x̂ of output rows `rows` (a slice or an index array): float32 (rows, in), a new array."""
+        planes = _sliced(self.planes, slice(None), rows)
         values = planes["qs"] if self.kind == "q8_0" else _unpacked(planes["qs"])
-        rows = _dequantized(self.kind, values.astype(np.float32), planes)  # (columns, 32, ids)
-        return rows.transpose(2, 0, 1).reshape(*ids.shape, self.shape[1])
+        values = _dequantized(self.kind, values.astype(np.float32), planes)  # (columns, 32, rows)
+        return np.ascontiguousarray(values.transpose(2, 0, 1)).reshape(values.shape[2], self.shape[1])
 
     def input_grad(self, dy):
         """dx = dy Ŵ, a block column group at a time (backward's dx; the blocks get no gradient: frozen)."""
@@ -281,7 +293,7 @@ class Quantized(Streamed):
 
     def dequantized(self):
         """The whole weight as float32 (for writing it elsewhere, and for tests): a new array."""
-        return self[np.arange(self.shape[0])]
+        return self.widen(0, self.shape[0])
 
 
 def _planes(kind, data):
@@ -303,12 +315,13 @@ def _sliced(planes, columns, rows=slice(None)):
 
 class _Widening:
     """Runs of block columns' q (a qs plane: (columns, 32 or 16, rows)) widened to float32, a run at a
-    time into buffers this thread keeps: each run fills WIDENED_VALUES, so it stays in cache and no fresh
-    pages are touched. (The buffers are found once per product: per run, it slowed two threads by 40%.)"""
+    time into buffers this thread keeps, so that no fresh pages are touched: as many columns as fill
+    WIDENED_VALUES, at least one. (The buffers are found once per product: per run, it slowed two
+    threads by 40%.)"""
 
     def __init__(self, kind, qs):
         self.kind, self.qs = kind, qs
-        self.step = max(1, WIDENED_VALUES // (BLOCK * qs.shape[-1]))
+        self.step = max(1, WIDENED_VALUES // (BLOCK * max(1, qs.shape[-1])))
         shape = (min(self.step, len(qs)), BLOCK, qs.shape[-1])
         self.values = _scratch("values", shape, np.float32)
         self.nibbles = None if kind == "q8_0" else _scratch("nibbles", shape, np.uint8)

@@ -14,12 +14,14 @@ there is no backward.
 """
 import concurrent.futures
 import functools
+import threading
 
 import numpy as np
 
 from .. import dtypes
 from . import cpu
 
+POOL = "npllama-streamed"  # the name of in_threads' threads
 BLOCK_BYTES = 2 << 20  # widened rows per block: a core's block and its stored rows fit in its L2 cache
 
 
@@ -73,18 +75,20 @@ class Streamed:
 
 def in_threads(tasks):
     """Each task's result, the tasks run side by side, one thread each (the caller's the first), with
-    BLAS on one thread meanwhile (cpu.single_threaded_blas): a core each."""
-    if len(tasks) == 1 or not cpu.blas_threads_settable():
+    BLAS on one thread meanwhile (cpu.single_threaded_blas): a core each. Called from one of those
+    threads (a task sharing out work itself), the tasks run one after another there instead: the cores
+    are taken, and waiting for the pool from inside it could wait for ever."""
+    if len(tasks) == 1 or not cpu.blas_threads_settable() or threading.current_thread().name.startswith(POOL):
         return [task() for task in tasks]
     with cpu.single_threaded_blas():
         helpers = [_pool(len(tasks) - 1).submit(task) for task in tasks[1:]]
         try:
             first = tasks[0]()
         finally:
-            results = [helper.result() for helper in helpers]  # BLAS gets its threads back once they are done
-    return [first, *results]
+            concurrent.futures.wait(helpers)  # BLAS gets its threads back once they are all done
+    return [first, *(helper.result() for helper in helpers)]
 
 
 @functools.lru_cache(maxsize=None)
 def _pool(threads):
-    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="npllama-streamed")
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=POOL)
